@@ -1,0 +1,295 @@
+"""Model backends: the protocol the kernel talks to, and the llama-cpp-python adapter.
+
+`LlamaBackend` drives llama.cpp token by token itself, for three reasons measured on 2 cores:
+  * grammar checks only the sampled token, masking the whole vocabulary only when that token is
+    rejected (stock llama-cpp-python masks every token and decodes at less than half speed);
+  * the KV cache is reused for the longest common token prefix with what is already evaluated,
+    so a tool loop evaluates only the tokens appended since the previous step;
+  * each token is detokenized once (create_completion re-detokenizes the whole completion).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+from llmos.config import ModelOptions
+from llmos.gguf import GGUFInfo, ModelFileError, read_gguf
+from llmos.grammar import CALL_CLOSE, CALL_OPEN, GrammarError, parse_calls, render_call, tool_call_grammar, tools_prompt
+from llmos.messages import Message
+from llmos.toolbox import Tool
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+class Backend(Protocol):
+    """What the kernel needs from a model: one turn, streamed.
+
+    `turn` yields streamed pieces as `Message(role="assistant", meta={"delta": True})` and ends
+    with the complete assistant Message (text, or tool calls with parsed arguments).
+    tool_choice: "auto" | "required" | "none" | a tool name.
+    """
+
+    def turn(self, messages: Sequence[Message], tools: Sequence[Tool], tool_choice: str = "auto") -> Iterator[Message]: ...
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _message_dicts(messages: Sequence[Message], tools: Sequence[Tool]) -> list[dict[str, str]]:
+    """Messages as the chat template sees them: tool block in the system prompt, calls as text."""
+    out: list[dict[str, str]] = []
+    msgs = list(messages)
+    system = DEFAULT_SYSTEM
+    if msgs and msgs[0].role == "system":
+        system, msgs = msgs[0].content, msgs[1:]
+    if tools:
+        system = f"{system}\n\n{tools_prompt((t.name, t.description, t.parameters) for t in tools)}"
+    out.append({"role": "system", "content": system})
+    for m in msgs:
+        if m.role == "kernel" or m.is_delta:
+            continue  # kernel notices are for the user and the trace, not the model
+        if m.role == "assistant":
+            content = m.meta.get("raw") or m.content or "\n".join(render_call(c) for c in m.tool_calls)
+            out.append({"role": "assistant", "content": content})
+        elif m.role == "tool":
+            name = m.meta.get("name", "tool")
+            out.append({"role": "tool", "content": f'<tool_response name="{name}">\n{m.content}\n</tool_response>'})
+        else:
+            out.append({"role": m.role, "content": m.content})
+    return out
+
+
+def _repeats_a_call(text: str) -> bool:
+    """True when the turn's text just closed a call identical to an earlier one in the same turn."""
+    if not text.endswith(CALL_CLOSE):
+        return False
+    bodies = text.split(CALL_OPEN)[1:]
+    return len(bodies) > 1 and bodies[-1].strip() in {b.strip() for b in bodies[:-1]}
+
+
+def _drop_last_call(text: str) -> str:
+    return text[: text.rindex(CALL_OPEN)].rstrip("\n")
+
+
+class _Grammar:
+    """A llama.cpp grammar sampler used as a checker: test one token, mask all only on rejection."""
+
+    def __init__(self, llama_cpp: Any, vocab: Any, text: str, n_vocab: int) -> None:
+        import numpy as np
+
+        self.lc = llama_cpp
+        self.ptr = llama_cpp.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
+        if not self.ptr:
+            raise GrammarError("llama.cpp rejected the tool grammar (see the tool schemas)")
+        self.one = (llama_cpp.llama_token_data * 1)()
+        self.one_arr = llama_cpp.llama_token_data_array(data=self.one, size=1, selected=-1, sorted=False)
+        dtype = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
+        self.all = np.zeros(n_vocab, dtype=dtype)
+        self.all["id"] = np.arange(n_vocab, dtype=np.int32)
+        self.all_arr = llama_cpp.llama_token_data_array(
+            data=self.all.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)), size=n_vocab, selected=-1, sorted=False
+        )
+
+    def allows(self, token: int) -> bool:
+        self.one[0].id, self.one[0].logit, self.one[0].p = token, 0.0, 0.0
+        self.one_arr.data, self.one_arr.size, self.one_arr.selected = self.one, 1, -1
+        self.lc.llama_sampler_apply(self.ptr, ctypes.byref(self.one_arr))
+        return self.one[0].logit != float("-inf")
+
+    def mask(self, logits: Any) -> None:
+        """Set the logits of every token the grammar rejects to -inf, in place."""
+        self.all["logit"] = logits
+        self.all_arr.data = self.all.ctypes.data_as(ctypes.POINTER(self.lc.llama_token_data))
+        self.all_arr.size, self.all_arr.selected = len(self.all), -1
+        self.lc.llama_sampler_apply(self.ptr, ctypes.byref(self.all_arr))
+        logits[:] = self.all["logit"]
+
+    def accept(self, token: int) -> None:
+        self.lc.llama_sampler_accept(self.ptr, token)
+
+    def close(self) -> None:
+        if self.ptr:
+            self.lc.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
+def compile_grammar(backend: "LlamaBackend", text: str) -> None:
+    """Check that llama.cpp accepts a grammar (raises GrammarError instead of crashing)."""
+    _Grammar(backend.lc, backend.vocab, text, backend.n_vocab).close()
+
+
+class LlamaBackend:
+    """A GGUF model loaded in-process with llama-cpp-python. Not thread-safe: one turn at a time."""
+
+    def __init__(self, options: ModelOptions | None = None, *, info: GGUFInfo | None = None) -> None:
+        from llmos.models import default_model_path, resolve_gpu_layers
+
+        self.options = options = options or ModelOptions()
+        path = Path(options.path).expanduser() if options.path else default_model_path()
+        self.info = info or read_gguf(path)  # header checked before llama.cpp sees the file
+        if self.info.chat_template is None:
+            raise ModelFileError(f"{path}: the GGUF has no chat template (tokenizer.chat_template); use an instruct/chat model")
+        trained = self.info.context_length or 2048
+        self.n_ctx = options.n_ctx or min(trained, 8192)
+        self.gpu_layers, self.plan = resolve_gpu_layers(options.gpu_layers, self.info, self.n_ctx)
+
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        threads = options.n_threads or available_cores()
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=self.n_ctx, n_gpu_layers=self.gpu_layers, n_threads=threads,
+                n_threads_batch=threads, seed=options.seed, verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelFileError(f"{path}: llama.cpp could not load the model ({exc})") from None
+        self.lc = llama_cpp
+        self.path = path
+        self.vocab = self.llm._model.vocab
+        self.n_vocab = self.llm.n_vocab()
+        self._pieces: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+        meta = self.llm.metadata
+        tokens = lambda key: self._piece(int(meta[key]), special=True).decode("utf-8", "replace") if key in meta else ""  # noqa: E731
+        self.format = Jinja2ChatFormatter(
+            template=self.info.chat_template, eos_token=tokens("tokenizer.ggml.eos_token_id"),
+            bos_token=tokens("tokenizer.ggml.bos_token_id"),
+        )
+        self.bos_text = tokens("tokenizer.ggml.bos_token_id")
+        self.sampler = self._make_sampler()
+        self.last: dict[str, Any] = {}
+
+    # -- helpers --------------------------------------------------------------------------
+    def _make_sampler(self) -> Any:
+        lc, o = self.lc, self.options
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if o.temperature <= 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        else:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(o.top_k))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(o.top_p, 1))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(o.temperature))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(o.seed))
+        return chain
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        key = token if not special else -1 - token
+        piece = self._pieces.get(key)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = self.lc.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
+            piece = self._pieces[key] = buf.raw[: max(n, 0)]
+        return piece
+
+    def render(self, messages: Sequence[Message], tools: Sequence[Tool]) -> str:
+        return self.format(messages=_message_dicts(messages, tools)).prompt
+
+    def tokenize(self, text: str) -> list[int]:
+        add_bos = bool(self.lc.llama_vocab_get_add_bos(self.vocab)) and not (self.bos_text and text.startswith(self.bos_text))
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def grammar_for(self, tools: Sequence[Tool], tool_choice: str) -> str | None:
+        if not tools or tool_choice == "none":
+            return None
+        if tool_choice not in ("auto", "required"):
+            chosen = [t for t in tools if t.name == tool_choice]
+            if not chosen:
+                raise GrammarError(f"tool_choice {tool_choice!r} is not one of the tools: {', '.join(t.name for t in tools)}")
+            return tool_call_grammar([(t.name, t.parameters) for t in chosen], "required")
+        return tool_call_grammar([(t.name, t.parameters) for t in tools], tool_choice)
+
+    def _prefill(self, tokens: list[int]) -> tuple[int, int]:
+        """Evaluate the prompt, reusing the longest cached prefix; returns (cached, evaluated)."""
+        llm = self.llm
+        cached = 0
+        limit = min(llm.n_tokens, len(tokens) - 1)  # keep >= 1 token to evaluate so fresh logits exist
+        ids = llm.input_ids
+        while cached < limit and ids[cached] == tokens[cached]:
+            cached += 1
+        llm.n_tokens = cached  # Llama.eval drops KV entries from n_tokens on
+        llm.eval(tokens[cached:])
+        return cached, len(tokens) - cached
+
+    # -- one turn -------------------------------------------------------------------------
+    def turn(self, messages: Sequence[Message], tools: Sequence[Tool], tool_choice: str = "auto") -> Iterator[Message]:
+        """Decode one assistant turn under the turn grammar, yielding deltas then the message."""
+        import numpy as np
+
+        grammar_text = self.grammar_for(tools, tool_choice)
+        prompt = self.tokenize(self.render(messages, tools))
+        max_new = min(self.options.max_tokens, self.n_ctx - len(prompt))
+        if max_new <= 0:
+            raise ContextFull(f"prompt is {len(prompt)} tokens; the context window holds {self.n_ctx}")
+        with self._lock:
+            grammar = _Grammar(self.lc, self.vocab, grammar_text, self.n_vocab) if grammar_text else None
+            try:
+                t0 = time.perf_counter()
+                cached, evaluated = self._prefill(prompt)
+                t_first = time.perf_counter()
+                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                text_parts: list[str] = []
+                generated, masked, stop = 0, 0, "length"
+                lc, ctx, vocab = self.lc, self.llm._ctx.ctx, self.vocab
+                while generated < max_new:
+                    token = lc.llama_sampler_sample(self.sampler, ctx, -1)
+                    if grammar is not None and not grammar.allows(token):
+                        masked += 1
+                        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(self.n_vocab,))
+                        grammar.mask(logits)
+                        token = lc.llama_sampler_sample(self.sampler, ctx, -1)
+                    if lc.llama_vocab_is_eog(vocab, token):
+                        stop = "stop"
+                        break
+                    if grammar is not None:
+                        grammar.accept(token)
+                    generated += 1
+                    piece = decoder.decode(self._piece(token))
+                    if piece:
+                        text_parts.append(piece)
+                        yield Message("assistant", piece, meta={"delta": True})
+                    if grammar is not None and piece.endswith(">") and _repeats_a_call("".join(text_parts)):
+                        text_parts = [_drop_last_call("".join(text_parts))]
+                        stop = "repeat"  # small models repeat the same call; one copy is enough
+                        break
+                    self.llm.eval([token])
+                t_end = time.perf_counter()
+            finally:
+                if grammar is not None:
+                    grammar.close()
+        text = "".join(text_parts) + decoder.decode(b"", final=True)
+        decode_s = t_end - t_first
+        stats = {
+            "prompt_tokens": len(prompt), "cached_tokens": cached, "evaluated_tokens": evaluated,
+            "generated_tokens": generated, "masked_tokens": masked, "stop": stop,
+            "prefill_s": round(t_first - t0, 4), "decode_s": round(decode_s, 4),
+            "decode_tps": round(generated / decode_s, 2) if decode_s > 0 else None,
+        }
+        self.last = stats
+        calls = parse_calls(text) if grammar_text and text.startswith("<tool_call>") else ()
+        if calls:
+            yield Message("assistant", "", tool_calls=calls, meta={"raw": text, "stats": stats})
+        else:
+            yield Message("assistant", text.strip(), meta={"raw": text, "stats": stats})
+
+    def close(self) -> None:
+        if getattr(self, "sampler", None):
+            self.lc.llama_sampler_free(self.sampler)
+            self.sampler = None
+        if getattr(self, "llm", None) is not None:
+            self.llm.close()
+            self.llm = None
+
+
+class ContextFull(RuntimeError):
+    """The conversation no longer fits in the model's context window."""

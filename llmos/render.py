@@ -1,0 +1,98 @@
+"""Terminal rendering of Messages and tables (rich), shared by the CLI commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+from llmos.messages import Message
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class MessagePrinter:
+    """Streams answer tokens as they come; shows tool calls and results as one line each."""
+
+    def __init__(self) -> None:
+        self.buffer = ""  # deltas of the current turn held back while they may be a tool call
+        self.streaming = False
+
+    def __call__(self, message: Message) -> None:
+        if message.is_delta:
+            if self.streaming:
+                sys.stdout.write(message.content)
+                sys.stdout.flush()
+                return
+            self.buffer += message.content
+            if not "<tool_call>".startswith(self.buffer[: len("<tool_call>")]):
+                self.streaming = True
+                sys.stdout.write(self.buffer)
+                sys.stdout.flush()
+            return
+        was_streaming, self.buffer, self.streaming = self.streaming, "", False
+        if message.role == "assistant":
+            for c in message.tool_calls:
+                args = ", ".join(f"{k}={json.dumps(v)}" for k, v in c.arguments.items())
+                out.print(f"[cyan]→ {c.name}({_short(args, 200)})[/cyan]")
+            if not message.tool_calls:
+                if was_streaming:
+                    sys.stdout.write("\n")
+                else:
+                    out.print(message.content, markup=False)
+        elif message.role == "tool":
+            style = "red" if message.meta.get("error") else "green"
+            out.print(f"[{style}]← {message.meta.get('name', 'tool')}: {_short(message.content)}[/{style}]", markup=True)
+        elif message.role == "kernel":
+            if message.meta.get("exit"):
+                err.print(f"[dim]done: {message.meta['exit']} after {message.meta.get('steps')} step(s)[/dim]")
+            else:
+                err.print(f"[yellow]kernel: {message.content}[/yellow]")
+
+
+print_message = MessagePrinter()
+
+
+def _count(n: Any) -> str:
+    if not isinstance(n, int):
+        return "?"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def models_table(rows: Iterable[dict[str, Any]]) -> None:
+    table = Table(title="GGUF models")
+    for col in ("origin", "name", "arch", "params", "quant", "context", "template", "path"):
+        table.add_column(col)
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["origin"], "[red]unreadable[/red]", "", "", "", "", "", r["error"])
+            continue
+        table.add_row(
+            r["origin"], r["name"], r["architecture"], _count(r["parameters"]), r["quantization"],
+            str(r["context_length"] or "?"), "yes" if r["chat_template"] else "no", r["path"],
+        )
+    out.print(table)
+
+
+def tools_table(tools: Iterable[Any]) -> None:
+    table = Table(title="tools")
+    for col in ("name", "description", "parameters", "touches"):
+        table.add_column(col)
+    for t in tools:
+        props = t.parameters.get("properties", {})
+        required = set(t.parameters.get("required", []))
+        params = ", ".join(f"{k}{'' if k in required else '?'}: {v.get('type', 'any')}" for k, v in props.items())
+        table.add_row(t.name, t.description, params, t.touches)
+    out.print(table)

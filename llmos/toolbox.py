@@ -1,0 +1,270 @@
+"""Tools as typed Python functions: `@tool` builds the JSON schema, `Toolbox` runs calls.
+
+A tool is either a Python function (schema from its signature and docstring, arguments
+validated by pydantic before the call) or an OpenAI-format tool dict (schema as given; such a
+tool can be planned with `Kernel.complete` but has nothing to execute).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import threading
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import pydantic
+
+from llmos.messages import Message, ToolCall
+
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+
+
+class ToolError(ValueError):
+    """A tool definition that cannot be used (bad name, unsupported signature, bad dict)."""
+
+
+@dataclass(frozen=True)
+class Tool:
+    """One callable device: its name, what the model reads about it, and how to run it."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any]
+    fn: Callable[..., Any] | None = None
+    model: type[pydantic.BaseModel] | None = field(default=None, repr=False)
+    timeout: float = 60.0
+    untrusted: bool = False  # results come from outside (web pages, files): data, not instructions
+    touches: str = "nothing outside the process"
+
+    def schema(self) -> dict[str, Any]:
+        """The OpenAI-format tool dict."""
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": dict(self.parameters)},
+        }
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fn is None:
+            raise ToolError(f"tool {self.name!r} was given as a schema only; it has no function to run")
+        return self.fn(*args, **kwargs)
+
+    def validate(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """Arguments checked and coerced by the signature's types; raises pydantic.ValidationError."""
+        if self.model is None:
+            return dict(arguments)
+        parsed = self.model.model_validate(dict(arguments))
+        return {name: getattr(parsed, name) for name in self.model.model_fields}
+
+    def invoke(self, arguments: Mapping[str, Any]) -> str:
+        """Validate, run and render the result as text for the model."""
+        result = self(**self.validate(arguments))
+        if isinstance(result, str):
+            return result
+        try:
+            return json.dumps(result, default=str)
+        except (TypeError, ValueError):
+            return str(result)
+
+
+def _doc_parts(doc: str) -> tuple[str, dict[str, str]]:
+    """First paragraph as the description; `name: text` lines under Args: as parameter docs."""
+    doc = inspect.cleandoc(doc or "")
+    paragraphs = doc.split("\n\n")
+    description = " ".join(paragraphs[0].split()) if paragraphs and paragraphs[0] else ""
+    params: dict[str, str] = {}
+    in_args = False
+    for line in doc.splitlines():
+        stripped = line.strip()
+        if stripped.lower() in ("args:", "arguments:", "parameters:"):
+            in_args = True
+            continue
+        if in_args:
+            match = re.match(r"^(\w+)\s*(?:\([^)]*\))?\s*:\s*(.+)$", stripped)
+            if match:
+                params[match.group(1)] = match.group(2)
+            elif stripped and not line.startswith((" ", "\t")):
+                in_args = False
+    return description, params
+
+
+def _strip_titles(schema: Any) -> Any:
+    """pydantic adds a `title` to every node; the model does not need them (fewer prompt tokens)."""
+    if isinstance(schema, dict):
+        return {k: _strip_titles(v) for k, v in schema.items() if not (k == "title" and isinstance(v, str))}
+    if isinstance(schema, list):
+        return [_strip_titles(v) for v in schema]
+    return schema
+
+
+def _check_name(name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise ToolError(f"tool name {name!r} is invalid: use letters, digits, '_' or '-', at most 64 characters")
+    return name
+
+
+def make_tool(
+    fn: Callable[..., Any],
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    timeout: float = 60.0,
+    untrusted: bool = False,
+    touches: str = "nothing outside the process",
+) -> Tool:
+    """Build a Tool from a typed function: each parameter needs a type hint (Annotated Field ok)."""
+    name = _check_name(name or fn.__name__)
+    doc_description, doc_params = _doc_parts(fn.__doc__ or "")
+    fields: dict[str, Any] = {}
+    try:
+        hints = typing.get_type_hints(fn, include_extras=True)  # resolves `from __future__` string hints
+    except (NameError, TypeError) as exc:
+        raise ToolError(f"tool {name!r}: cannot resolve its type hints ({exc})") from None
+    for pname, param in inspect.signature(fn).parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise ToolError(f"tool {name!r}: *args/**kwargs cannot be described to the model; name each parameter")
+        if pname not in hints:
+            raise ToolError(f"tool {name!r}: parameter {pname!r} needs a type hint (e.g. `{pname}: str`)")
+        default = ... if param.default is inspect.Parameter.empty else param.default
+        if pname in doc_params:  # an Annotated Field's own description wins over the docstring's
+            fields[pname] = (hints[pname], pydantic.Field(default, description=doc_params[pname]))
+        else:
+            fields[pname] = (hints[pname], default)
+    model = pydantic.create_model(f"{name}_arguments", __config__=pydantic.ConfigDict(extra="forbid"), **fields)
+    parameters = _strip_titles(model.model_json_schema())
+    return Tool(
+        name=name,
+        description=description or doc_description or name,
+        parameters=parameters,
+        fn=fn,
+        model=model,
+        timeout=timeout,
+        untrusted=untrusted,
+        touches=touches,
+    )
+
+
+def tool(
+    fn: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    timeout: float = 60.0,
+    untrusted: bool = False,
+    touches: str = "nothing outside the process",
+) -> Any:
+    """Decorator: `@tool` or `@tool(name=..., timeout=...)` turns a typed function into a Tool."""
+
+    def wrap(f: Callable[..., Any]) -> Tool:
+        return make_tool(f, name=name, description=description, timeout=timeout, untrusted=untrusted, touches=touches)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def from_openai(spec: Mapping[str, Any], fn: Callable[..., Any] | None = None) -> Tool:
+    """An OpenAI-format tool dict ({"type": "function", "function": {...}}) as a Tool."""
+    fn_spec = spec.get("function", spec)
+    if not isinstance(fn_spec, Mapping) or "name" not in fn_spec:
+        raise ToolError("tool dict needs a 'function' object with a 'name' (OpenAI format)")
+    parameters = fn_spec.get("parameters") or {"type": "object", "properties": {}}
+    if parameters.get("type", "object") != "object":
+        raise ToolError(f"tool {fn_spec['name']!r}: 'parameters' must be a JSON schema of type object")
+    return Tool(
+        name=_check_name(fn_spec["name"]),
+        description=fn_spec.get("description") or fn_spec["name"],
+        parameters=parameters,
+        fn=fn,
+    )
+
+
+def as_tool(obj: Any) -> Tool:
+    """Accept a Tool, a typed function or an OpenAI-format tool dict."""
+    if isinstance(obj, Tool):
+        return obj
+    if isinstance(obj, Mapping):
+        return from_openai(obj)
+    if callable(obj):
+        return make_tool(obj)
+    raise ToolError(f"cannot use {obj!r} as a tool: pass a @tool function, a typed function or an OpenAI tool dict")
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, pydantic.ValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in exc.errors())
+        return f"invalid arguments: {problems}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Toolbox:
+    """The registered tools, by name; runs a turn's calls concurrently, results in call order."""
+
+    def __init__(self, tools: Iterable[Any] = ()) -> None:
+        self._tools: dict[str, Tool] = {}
+        for t in tools:
+            self.add(t)
+
+    def add(self, obj: Any) -> Tool:
+        t = as_tool(obj)
+        self._tools[t.name] = t
+        return t
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+    def __iter__(self):
+        return iter(self._tools.values())
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def get(self, name: str) -> Tool | None:
+        return self._tools.get(name)
+
+    def schemas(self) -> list[dict[str, Any]]:
+        return [t.schema() for t in self._tools.values()]
+
+    def call(self, call: ToolCall) -> Message:
+        """Run one call; this is the one place a failing tool becomes a `tool` message."""
+        meta: dict[str, Any] = {"tool_call_id": call.id, "name": call.name}
+        t = self._tools.get(call.name)
+        if t is None:
+            return Message("tool", f"error: no tool named {call.name!r}", meta={**meta, "error": True})
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["content"] = t.invoke(call.arguments)
+            except BaseException as exc:  # noqa: BLE001 - the model reads the error and carries on
+                box["error"] = _error_text(exc)
+
+        # A daemon thread per call: a runaway tool cannot be killed from Python, but it must not
+        # hold the kernel (or interpreter exit) hostage either.
+        worker = threading.Thread(target=target, name=f"tool-{call.name}", daemon=True)
+        worker.start()
+        worker.join(t.timeout)
+        if worker.is_alive():
+            return Message("tool", f"error: tool {call.name!r} timed out after {t.timeout:g} s", meta={**meta, "error": True})
+        if t.untrusted:
+            meta["untrusted"] = True
+        if "error" in box:
+            return Message("tool", f"error: {box['error']}", meta={**meta, "error": True})
+        return Message("tool", box.get("content", ""), meta=meta)
+
+    def call_all(self, calls: Iterable[ToolCall]) -> list[Message]:
+        """Run calls concurrently (each on its own thread); results come back in call order."""
+        calls = list(calls)
+        if len(calls) <= 1:
+            return [self.call(c) for c in calls]
+        results: list[Message | None] = [None] * len(calls)
+
+        def run(i: int, c: ToolCall) -> None:
+            results[i] = self.call(c)
+
+        threads = [threading.Thread(target=run, args=(i, c), daemon=True) for i, c in enumerate(calls)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        return [r for r in results if r is not None]

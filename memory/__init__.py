@@ -1,0 +1,1 @@
+"""The memory hierarchy: the context window ("RAM") and the stores ("disk")."""

@@ -1,0 +1,216 @@
+"""calculator: exact math with SymPy behind an allow-list parser and a time limit.
+
+SymPy's `sympify` calls `eval`, so expressions are parsed with `ast` and translated node by
+node into SymPy objects: only numbers, names, arithmetic, comparisons, lists and calls of
+allow-listed functions exist; attribute access, subscripts, lambdas and dunders do not.
+Evaluation runs in a forked child process that is killed at the time limit, so `9**9**9**9`
+costs at most that limit.
+"""
+
+from __future__ import annotations
+
+import ast
+import multiprocessing
+import re
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from llmos.toolbox import tool
+
+MAX_EXPRESSION = 2000
+TIME_LIMIT = 5.0  # seconds per evaluation
+
+_FUNCTIONS = (
+    "sqrt cbrt root exp log ln sin cos tan cot sec csc asin acos atan atan2 sinh cosh tanh asinh acosh atanh "
+    "factorial binomial gcd lcm floor ceiling Abs abs sign re im conjugate arg Min Max min max "
+    "simplify expand factor cancel apart together trigsimp nsimplify solve solveset diff integrate limit "
+    "series summation product Sum Product Integral Derivative Limit Rational Integer Float Symbol symbols "
+    "Eq Ne Lt Le Gt Ge isprime prime primefactors factorint divisors totient mod N evalf Matrix det inv "
+    "Poly roots degree expand_log logcombine"
+).split()
+_CONSTANTS = {"pi": "pi", "E": "E", "e": "E", "I": "I", "oo": "oo", "inf": "oo", "infinity": "oo", "nan": "nan"}
+_ALIASES = {"ln": "log", "abs": "Abs", "min": "Min", "max": "Max", "Integer": "Integer"}
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,30}$")
+
+
+class CalculatorError(ValueError):
+    """An expression that is not allowed or cannot be evaluated."""
+
+
+def _sympy_namespace() -> dict[str, Any]:
+    import sympy
+
+    ns = {}
+    for name in _FUNCTIONS:
+        target = _ALIASES.get(name, name)
+        if target == "mod":
+            ns[name] = sympy.Mod
+        elif target == "evalf":
+            ns[name] = sympy.N
+        elif hasattr(sympy, target):
+            ns[name] = getattr(sympy, target)
+    for name, target in _CONSTANTS.items():
+        ns[name] = getattr(sympy, target)
+    return ns
+
+
+def _check_power(base: Any, exponent: Any) -> None:
+    """Refuse integer powers whose result would have millions of digits before computing them."""
+    import sympy
+
+    if isinstance(base, sympy.Number) and isinstance(exponent, sympy.Number) and exponent.is_real:
+        b, e = abs(base), abs(exponent)
+        if b > 1 and e > 1 and float(e) * float(sympy.log(b, 2).evalf(5)) > 4_000_000:
+            raise CalculatorError(f"result of {base}**{exponent} is too large to compute exactly")
+
+
+class _Translator(ast.NodeVisitor):
+    def __init__(self) -> None:
+        import sympy
+
+        self.sp = sympy
+        self.ns = _sympy_namespace()
+        self.ops = {
+            ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+            ast.Div: lambda a, b: a / b, ast.Mod: lambda a, b: sympy.Mod(a, b),
+            ast.FloorDiv: lambda a, b: sympy.floor(a / b), ast.Pow: self._pow,
+        }
+
+    def _pow(self, a: Any, b: Any) -> Any:
+        _check_power(a, b)
+        return a**b
+
+    def generic_visit(self, node: ast.AST) -> Any:
+        raise CalculatorError(f"'{type(node).__name__}' is not allowed in a calculator expression")
+
+    def visit_Expression(self, node: ast.Expression) -> Any:
+        return self.visit(node.body)
+
+    def visit_Constant(self, node: ast.Constant) -> Any:
+        if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
+            raise CalculatorError(f"only numbers are allowed as literals, not {node.value!r}")
+        return self.sp.Integer(node.value) if isinstance(node.value, int) else self.sp.Float(repr(node.value))
+
+    def visit_Name(self, node: ast.Name) -> Any:
+        if node.id.startswith("_") or not _NAME_RE.match(node.id):
+            raise CalculatorError(f"name {node.id!r} is not allowed")
+        if node.id in self.ns:
+            return self.ns[node.id]
+        return self.sp.Symbol(node.id)  # any other plain name is a math variable
+
+    def visit_BinOp(self, node: ast.BinOp) -> Any:
+        op = self.ops.get(type(node.op))
+        if op is None:
+            raise CalculatorError(f"operator '{type(node.op).__name__}' is not allowed")
+        return op(self.visit(node.left), self.visit(node.right))
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> Any:
+        value = self.visit(node.operand)
+        if isinstance(node.op, ast.USub):
+            return -value
+        if isinstance(node.op, ast.UAdd):
+            return value
+        raise CalculatorError(f"operator '{type(node.op).__name__}' is not allowed")
+
+    def visit_Compare(self, node: ast.Compare) -> Any:
+        if len(node.ops) != 1:
+            raise CalculatorError("chained comparisons are not supported; use Eq(a, b)")
+        rel = {ast.Eq: self.sp.Eq, ast.NotEq: self.sp.Ne, ast.Lt: self.sp.Lt, ast.LtE: self.sp.Le, ast.Gt: self.sp.Gt, ast.GtE: self.sp.Ge}
+        fn = rel.get(type(node.ops[0]))
+        if fn is None:
+            raise CalculatorError(f"comparison '{type(node.ops[0]).__name__}' is not allowed")
+        return fn(self.visit(node.left), self.visit(node.comparators[0]))
+
+    def visit_Tuple(self, node: ast.Tuple) -> Any:
+        return self.sp.Tuple(*[self.visit(e) for e in node.elts])
+
+    def visit_List(self, node: ast.List) -> Any:
+        return [self.visit(e) for e in node.elts]
+
+    def visit_Call(self, node: ast.Call) -> Any:
+        if not isinstance(node.func, ast.Name) or node.func.id not in self.ns or node.func.id in _CONSTANTS:
+            name = node.func.id if isinstance(node.func, ast.Name) else ast.unparse(node.func)
+            raise CalculatorError(f"function {name!r} is not allowed; allowed: {', '.join(sorted(self.ns))}")
+        if node.keywords:
+            raise CalculatorError("keyword arguments are not supported")
+        return self.ns[node.func.id](*[self.visit(a) for a in node.args])
+
+
+def parse(expression: str) -> Any:
+    """Translate an expression into a SymPy object without eval; raises CalculatorError."""
+    text = expression.strip().replace("^", "**").replace("×", "*").replace("÷", "/")
+    if not text:
+        raise CalculatorError("empty expression")
+    if len(text) > MAX_EXPRESSION:
+        raise CalculatorError(f"expression is longer than {MAX_EXPRESSION} characters")
+    if text.count("=") == 1 and "==" not in text and not any(c in text for c in "<>!"):
+        left, right = text.split("=")
+        text = f"Eq({left}, {right})"  # 'x + 1 = 3' reads as an equation
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError as exc:
+        raise CalculatorError(f"syntax error at column {exc.offset or '?'}: {exc.msg}") from None
+    return _Translator().visit(tree)
+
+
+def _format(value: Any, digits: int | None) -> str:
+    import sympy
+
+    if isinstance(value, sympy.Eq) or isinstance(value, sympy.Rel):
+        value = sympy.solve(value)  # an equation on its own: solve it
+    if digits:
+        if isinstance(value, (list, tuple)):
+            return str([sympy.N(v, digits) for v in value])
+        return str(sympy.N(value, digits))
+    if isinstance(value, sympy.Basic) and value.is_number and not value.is_Rational and value.is_finite:
+        return f"{value} ≈ {sympy.N(value, 15)}"
+    return str(value)
+
+
+def evaluate(expression: str, digits: int | None = None) -> str:
+    """Parse and evaluate in this process (no time limit); the tool adds the limit."""
+    return _format(parse(expression), digits)
+
+
+def _child(conn: Any, expression: str, digits: int | None) -> None:
+    try:
+        conn.send(("ok", evaluate(expression, digits)))
+    except CalculatorError as exc:
+        conn.send(("error", str(exc)))
+    except RecursionError:
+        conn.send(("error", "expression is nested too deeply"))
+    except Exception as exc:  # noqa: BLE001 - SymPy raises many types; report, don't crash
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def evaluate_limited(expression: str, digits: int | None = None, time_limit: float = TIME_LIMIT) -> str:
+    """Evaluate in a forked child that is killed after `time_limit` seconds."""
+    parse(expression)  # reject bad input fast, in this process, without computing anything
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, expression, digits), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(time_limit):
+            raise CalculatorError(f"evaluation took longer than {time_limit:g} s and was stopped")
+        status, text = parent.recv()
+    except EOFError:
+        raise CalculatorError("evaluation crashed (out of memory?)") from None
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(1)
+        parent.close()
+    if status == "error":
+        raise CalculatorError(text)
+    return text
+
+
+@tool(timeout=TIME_LIMIT + 5, touches="nothing (pure computation in a child process)")
+def calculator(
+    expression: Annotated[str, Field(description="Math in Python/SymPy syntax, e.g. '12345*6789', '2**100', 'integrate(x**2, x)', 'solve(x**2 - 4, x)', 'N(pi, 50)'")],
+) -> str:
+    """Evaluate a math expression exactly with SymPy: arithmetic, fractions, big integers, simplify, solve, diff, integrate, limits."""
+    return evaluate_limited(expression)
