@@ -25,6 +25,8 @@ from llmos.messages import Message
 from llmos.toolbox import Tool
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
+CLOSE_MARGIN = 24  # tokens kept to close an open call before the turn's token limit
+MAX_CALL_CHARS = 2000  # a call longer than this is steered to close
 
 
 class Backend(Protocol):
@@ -159,6 +161,7 @@ class LlamaBackend:
         self.vocab = self.llm._model.vocab
         self.n_vocab = self.llm.n_vocab()
         self._pieces: dict[int, bytes] = {}
+        self._closer_mask: Any = None
         self._lock = threading.Lock()
         meta = self.llm.metadata
         tokens = lambda key: self._piece(int(meta[key]), special=True).decode("utf-8", "replace") if key in meta else ""  # noqa: E731
@@ -221,11 +224,40 @@ class LlamaBackend:
         llm.eval(tokens[cached:])
         return cached, len(tokens) - cached
 
+    def _sample(self, grammar: _Grammar | None, closing: bool) -> tuple[int, bool]:
+        """Sample the next token; check only it against the grammar, mask the vocabulary if rejected.
+
+        closing: the call is about to hit the token limit (or runs on): among the tokens the
+        grammar allows, prefer those that close strings, objects and the turn, so the call ends valid.
+        """
+        import numpy as np
+
+        lc, ctx = self.lc, self.llm._ctx.ctx
+        if not closing:
+            token = lc.llama_sampler_sample(self.sampler, ctx, -1)
+            if grammar is None or grammar.allows(token):
+                return token, False
+        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(self.n_vocab,))
+        grammar.mask(logits)
+        if closing:
+            logits[self._closers()] += 100.0
+        return lc.llama_sampler_sample(self.sampler, ctx, -1), True
+
+    def _closers(self) -> Any:
+        """Tokens that end something: a quote, a closing bracket, or end of generation."""
+        if self._closer_mask is None:
+            import numpy as np
+
+            mask = np.zeros(self.n_vocab, dtype=bool)
+            for t in range(self.n_vocab):
+                piece = self._piece(t)
+                mask[t] = any(c in piece for c in (b'"', b"}", b"]")) or bool(self.lc.llama_vocab_is_eog(self.vocab, t))
+            self._closer_mask = mask
+        return self._closer_mask
+
     # -- one turn -------------------------------------------------------------------------
     def turn(self, messages: Sequence[Message], tools: Sequence[Tool], tool_choice: str = "auto") -> Iterator[Message]:
         """Decode one assistant turn under the turn grammar, yielding deltas then the message."""
-        import numpy as np
-
         grammar_text = self.grammar_for(tools, tool_choice)
         prompt = self.tokenize(self.render(messages, tools))
         max_new = min(self.options.max_tokens, self.n_ctx - len(prompt))
@@ -238,17 +270,15 @@ class LlamaBackend:
                 cached, evaluated = self._prefill(prompt)
                 t_first = time.perf_counter()
                 decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-                text_parts: list[str] = []
+                text = ""
                 generated, masked, stop = 0, 0, "length"
-                lc, ctx, vocab = self.lc, self.llm._ctx.ctx, self.vocab
                 while generated < max_new:
-                    token = lc.llama_sampler_sample(self.sampler, ctx, -1)
-                    if grammar is not None and not grammar.allows(token):
-                        masked += 1
-                        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(self.n_vocab,))
-                        grammar.mask(logits)
-                        token = lc.llama_sampler_sample(self.sampler, ctx, -1)
-                    if lc.llama_vocab_is_eog(vocab, token):
+                    closing = grammar is not None and text.startswith(CALL_OPEN) and (
+                        max_new - generated <= CLOSE_MARGIN or len(text) - text.rfind(CALL_OPEN) > MAX_CALL_CHARS
+                    )
+                    token, was_masked = self._sample(grammar, closing)
+                    masked += was_masked
+                    if self.lc.llama_vocab_is_eog(self.vocab, token):
                         stop = "stop"
                         break
                     if grammar is not None:
@@ -256,10 +286,10 @@ class LlamaBackend:
                     generated += 1
                     piece = decoder.decode(self._piece(token))
                     if piece:
-                        text_parts.append(piece)
+                        text += piece
                         yield Message("assistant", piece, meta={"delta": True})
-                    if grammar is not None and piece.endswith(">") and _repeats_a_call("".join(text_parts)):
-                        text_parts = [_drop_last_call("".join(text_parts))]
+                    if grammar is not None and piece.endswith(">") and _repeats_a_call(text):
+                        text = _drop_last_call(text)
                         stop = "repeat"  # small models repeat the same call; one copy is enough
                         break
                     self.llm.eval([token])
@@ -267,7 +297,7 @@ class LlamaBackend:
             finally:
                 if grammar is not None:
                     grammar.close()
-        text = "".join(text_parts) + decoder.decode(b"", final=True)
+        text += decoder.decode(b"", final=True)
         decode_s = t_end - t_first
         stats = {
             "prompt_tokens": len(prompt), "cached_tokens": cached, "evaluated_tokens": evaluated,

@@ -156,7 +156,7 @@ class _Reader:
         if type_id == 9:
             item_type, count = self.scalar("<I"), self.scalar("<Q")
             if count > len(self.buf):
-                raise self.fail(f"corrupt GGUF header (array of {count} items is longer than the file)")
+                raise self.fail(f"truncated or corrupt GGUF header (array of {count} items is longer than the file)")
             if item_type in _SCALARS and item_type != 7:
                 size = struct.calcsize(_SCALARS[item_type])
                 raw = self.take(size * count)

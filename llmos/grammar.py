@@ -25,6 +25,7 @@ MAX_CALLS_PER_TURN = 4
 MAX_BOUND = 16  # largest maxLength/maxItems expanded into the grammar; larger ones are checked after decoding
 MAX_GRAMMAR_CHARS = 200_000
 
+STRICT_CHAR = r'char ::= [^"\\\x00-\x1F\x7F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
 _CALL_RE = re.compile(r"<tool_call>\n(.*?)\n</tool_call>", re.S)
 
 
@@ -80,7 +81,9 @@ def tool_call_grammar(tools: Iterable[tuple[str, Mapping[str, Any]]], mode: str 
         head = '{"name": ' + json.dumps(name) + ', "arguments": '
         converter._add_rule(rule, f"{_literal(head)} {args_rule} {_literal('}')}")
         alternatives.append(rule)
-    body = converter.format_grammar()
+    # JSON strings may not hold raw control characters (newlines would break the call format);
+    # some converter versions allow them, so the string-character rule is pinned here.
+    body = "\n".join(STRICT_CHAR if line.startswith("char ::= ") else line for line in converter.format_grammar().splitlines())
     call = f"{_literal(CALL_OPEN)} ({' | '.join(alternatives)}) {_literal(CALL_CLOSE)}"
     more = ""
     for _ in range(MAX_CALLS_PER_TURN - 1):
@@ -121,6 +124,10 @@ def parse_calls(text: str) -> tuple[ToolCall, ...]:
     """Tool calls in a turn produced under the grammar (which guarantees they parse)."""
     calls = []
     for body in _CALL_RE.findall(text):
-        data = json.loads(body)
-        calls.append(ToolCall(name=data["name"], arguments=data.get("arguments") or {}))
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError:
+            continue  # only possible if the grammar was bypassed; the kernel then asks for an answer
+        if isinstance(data, dict) and isinstance(data.get("name"), str) and isinstance(data.get("arguments", {}), dict):
+            calls.append(ToolCall(name=data["name"], arguments=data.get("arguments") or {}))
     return tuple(calls)

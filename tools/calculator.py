@@ -20,12 +20,13 @@ from llmos.toolbox import tool
 
 MAX_EXPRESSION = 2000
 TIME_LIMIT = 5.0  # seconds per evaluation
+MEMORY_LIMIT = 2 << 30  # bytes of address space for the evaluating child
 
 _FUNCTIONS = (
     "sqrt cbrt root exp log ln sin cos tan cot sec csc asin acos atan atan2 sinh cosh tanh asinh acosh atanh "
     "factorial binomial gcd lcm floor ceiling Abs abs sign re im conjugate arg Min Max min max "
     "simplify expand factor cancel apart together trigsimp nsimplify solve solveset diff integrate limit "
-    "series summation product Sum Product Integral Derivative Limit Rational Integer Float Symbol symbols "
+    "series summation product Sum Product Integral Derivative Limit Rational Integer Float "
     "Eq Ne Lt Le Gt Ge isprime prime primefactors factorint divisors totient mod N evalf Matrix det inv "
     "Poly roots degree expand_log logcombine"
 ).split()
@@ -65,7 +66,49 @@ def _check_power(base: Any, exponent: Any) -> None:
             raise CalculatorError(f"result of {base}**{exponent} is too large to compute exactly")
 
 
+_BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Mod, ast.FloorDiv, ast.Pow)
+_UNARY = (ast.USub, ast.UAdd)
+_COMPARE = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Compare, ast.Call, ast.Name, ast.Load, ast.Constant,
+          ast.Tuple, ast.List) + _BINOPS + _UNARY + _COMPARE
+
+
+def check(expression: str) -> ast.Expression:
+    """Parse and allow-list an expression without computing anything; raises CalculatorError."""
+    text = expression.strip().replace("^", "**").replace("×", "*").replace("÷", "/")
+    if not text:
+        raise CalculatorError("empty expression")
+    if len(text) > MAX_EXPRESSION:
+        raise CalculatorError(f"expression is longer than {MAX_EXPRESSION} characters")
+    if text.count("=") == 1 and not any(c in text for c in "<>!"):
+        left, right = text.split("=")
+        text = f"Eq({left}, {right})"  # 'x + 1 = 3' reads as an equation
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError as exc:
+        where = f" at column {exc.offset}" if exc.offset else ""
+        raise CalculatorError(f"syntax error{where}: {exc.msg} in {expression.strip()!r}") from None
+    for node in ast.walk(tree):
+        if not isinstance(node, _NODES):
+            raise CalculatorError(f"'{type(node).__name__}' is not allowed in a calculator expression")
+        if isinstance(node, ast.Name) and (node.id.startswith("_") or not _NAME_RE.match(node.id)):
+            raise CalculatorError(f"name {node.id!r} is not allowed")
+        if isinstance(node, ast.Constant) and (isinstance(node.value, bool) or not isinstance(node.value, (int, float))):
+            raise CalculatorError(f"only numbers are allowed as literals, not {node.value!r}")
+        if isinstance(node, ast.Compare) and len(node.ops) != 1:
+            raise CalculatorError("chained comparisons are not supported; use Eq(a, b)")
+        if isinstance(node, ast.Call):
+            name = node.func.id if isinstance(node.func, ast.Name) else ast.unparse(node.func)
+            if name not in _FUNCTIONS:
+                raise CalculatorError(f"function {name!r} is not allowed; allowed: {', '.join(sorted(_FUNCTIONS))}")
+            if node.keywords:
+                raise CalculatorError("keyword arguments are not supported")
+    return tree
+
+
 class _Translator(ast.NodeVisitor):
+    """Builds SymPy objects from a tree that `check` accepted (this is where computing happens)."""
+
     def __init__(self) -> None:
         import sympy
 
@@ -73,9 +116,10 @@ class _Translator(ast.NodeVisitor):
         self.ns = _sympy_namespace()
         self.ops = {
             ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-            ast.Div: lambda a, b: a / b, ast.Mod: lambda a, b: sympy.Mod(a, b),
-            ast.FloorDiv: lambda a, b: sympy.floor(a / b), ast.Pow: self._pow,
+            ast.Div: lambda a, b: a / b, ast.Mod: sympy.Mod, ast.FloorDiv: lambda a, b: sympy.floor(a / b),
+            ast.Pow: self._pow,
         }
+        self.rel = {ast.Eq: sympy.Eq, ast.NotEq: sympy.Ne, ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge}
 
     def _pow(self, a: Any, b: Any) -> Any:
         _check_power(a, b)
@@ -88,39 +132,20 @@ class _Translator(ast.NodeVisitor):
         return self.visit(node.body)
 
     def visit_Constant(self, node: ast.Constant) -> Any:
-        if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
-            raise CalculatorError(f"only numbers are allowed as literals, not {node.value!r}")
         return self.sp.Integer(node.value) if isinstance(node.value, int) else self.sp.Float(repr(node.value))
 
     def visit_Name(self, node: ast.Name) -> Any:
-        if node.id.startswith("_") or not _NAME_RE.match(node.id):
-            raise CalculatorError(f"name {node.id!r} is not allowed")
-        if node.id in self.ns:
-            return self.ns[node.id]
-        return self.sp.Symbol(node.id)  # any other plain name is a math variable
+        return self.ns.get(node.id) or self.sp.Symbol(node.id)  # any other plain name is a math variable
 
     def visit_BinOp(self, node: ast.BinOp) -> Any:
-        op = self.ops.get(type(node.op))
-        if op is None:
-            raise CalculatorError(f"operator '{type(node.op).__name__}' is not allowed")
-        return op(self.visit(node.left), self.visit(node.right))
+        return self.ops[type(node.op)](self.visit(node.left), self.visit(node.right))
 
     def visit_UnaryOp(self, node: ast.UnaryOp) -> Any:
         value = self.visit(node.operand)
-        if isinstance(node.op, ast.USub):
-            return -value
-        if isinstance(node.op, ast.UAdd):
-            return value
-        raise CalculatorError(f"operator '{type(node.op).__name__}' is not allowed")
+        return -value if isinstance(node.op, ast.USub) else value
 
     def visit_Compare(self, node: ast.Compare) -> Any:
-        if len(node.ops) != 1:
-            raise CalculatorError("chained comparisons are not supported; use Eq(a, b)")
-        rel = {ast.Eq: self.sp.Eq, ast.NotEq: self.sp.Ne, ast.Lt: self.sp.Lt, ast.LtE: self.sp.Le, ast.Gt: self.sp.Gt, ast.GtE: self.sp.Ge}
-        fn = rel.get(type(node.ops[0]))
-        if fn is None:
-            raise CalculatorError(f"comparison '{type(node.ops[0]).__name__}' is not allowed")
-        return fn(self.visit(node.left), self.visit(node.comparators[0]))
+        return self.rel[type(node.ops[0])](self.visit(node.left), self.visit(node.comparators[0]))
 
     def visit_Tuple(self, node: ast.Tuple) -> Any:
         return self.sp.Tuple(*[self.visit(e) for e in node.elts])
@@ -129,29 +154,12 @@ class _Translator(ast.NodeVisitor):
         return [self.visit(e) for e in node.elts]
 
     def visit_Call(self, node: ast.Call) -> Any:
-        if not isinstance(node.func, ast.Name) or node.func.id not in self.ns or node.func.id in _CONSTANTS:
-            name = node.func.id if isinstance(node.func, ast.Name) else ast.unparse(node.func)
-            raise CalculatorError(f"function {name!r} is not allowed; allowed: {', '.join(sorted(self.ns))}")
-        if node.keywords:
-            raise CalculatorError("keyword arguments are not supported")
         return self.ns[node.func.id](*[self.visit(a) for a in node.args])
 
 
 def parse(expression: str) -> Any:
-    """Translate an expression into a SymPy object without eval; raises CalculatorError."""
-    text = expression.strip().replace("^", "**").replace("×", "*").replace("÷", "/")
-    if not text:
-        raise CalculatorError("empty expression")
-    if len(text) > MAX_EXPRESSION:
-        raise CalculatorError(f"expression is longer than {MAX_EXPRESSION} characters")
-    if text.count("=") == 1 and "==" not in text and not any(c in text for c in "<>!"):
-        left, right = text.split("=")
-        text = f"Eq({left}, {right})"  # 'x + 1 = 3' reads as an equation
-    try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError as exc:
-        raise CalculatorError(f"syntax error at column {exc.offset or '?'}: {exc.msg}") from None
-    return _Translator().visit(tree)
+    """Translate an allow-listed expression into a SymPy object (no eval; may compute)."""
+    return _Translator().visit(check(expression))
 
 
 def _format(value: Any, digits: int | None) -> str:
@@ -163,7 +171,7 @@ def _format(value: Any, digits: int | None) -> str:
         if isinstance(value, (list, tuple)):
             return str([sympy.N(v, digits) for v in value])
         return str(sympy.N(value, digits))
-    if isinstance(value, sympy.Basic) and value.is_number and not value.is_Rational and value.is_finite:
+    if isinstance(value, sympy.Basic) and value.is_number and not (value.is_Rational or value.is_Float) and value.is_finite:
         return f"{value} ≈ {sympy.N(value, 15)}"
     return str(value)
 
@@ -174,10 +182,15 @@ def evaluate(expression: str, digits: int | None = None) -> str:
 
 
 def _child(conn: Any, expression: str, digits: int | None) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))  # a memory bomb fails here, not in the kernel
     try:
         conn.send(("ok", evaluate(expression, digits)))
     except CalculatorError as exc:
         conn.send(("error", str(exc)))
+    except MemoryError:
+        conn.send(("error", f"evaluation needed more than {MEMORY_LIMIT >> 20} MiB of memory"))
     except RecursionError:
         conn.send(("error", "expression is nested too deeply"))
     except Exception as exc:  # noqa: BLE001 - SymPy raises many types; report, don't crash
@@ -186,7 +199,7 @@ def _child(conn: Any, expression: str, digits: int | None) -> None:
 
 def evaluate_limited(expression: str, digits: int | None = None, time_limit: float = TIME_LIMIT) -> str:
     """Evaluate in a forked child that is killed after `time_limit` seconds."""
-    parse(expression)  # reject bad input fast, in this process, without computing anything
+    check(expression)  # reject bad input here, fast, without computing anything
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, expression, digits), daemon=True)
