@@ -18,6 +18,21 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from llmos import __version__
+
+        typer.echo(f"llmos {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """llmos: a local LLM operating system. A GGUF model is the kernel; tools are its devices."""
+
+
 OVERRIDE_HELP = "Override a setting, e.g. -o model.temperature=0.2 -o max_steps=4 (repeatable)."
 
 

@@ -86,6 +86,14 @@ def format_validation_error(exc: pydantic.ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def yaml_error_text(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line: where, then what."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return where + " ".join(str(problem).split())
+
+
 def load_settings(overrides: list[str] | None = None, home: Path | None = None) -> Settings:
     """Settings from `<home>/config.yaml` (if any) with `-o key=value` overrides on top."""
     home = home or home_dir()
@@ -95,7 +103,7 @@ def load_settings(overrides: list[str] | None = None, home: Path | None = None) 
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+            raise ConfigError(f"{path}: invalid YAML ({yaml_error_text(exc)})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of settings")
         data = loaded or {}
