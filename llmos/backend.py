@@ -26,7 +26,8 @@ from llmos.toolbox import Tool
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 CLOSE_MARGIN = 24  # tokens kept to close an open call before the turn's token limit
-MAX_CALL_CHARS = 2000  # a call longer than this is steered to close
+MAX_CALL_CHARS = 4000  # a call longer than this is steered to close
+REPEAT_SPAN = 32  # a call whose last 32 characters already occur twice in it is looping
 
 
 class Backend(Protocol):
@@ -77,6 +78,15 @@ def _repeats_a_call(text: str) -> bool:
         return False
     bodies = text.split(CALL_OPEN)[1:]
     return len(bodies) > 1 and bodies[-1].strip() in {b.strip() for b in bodies[:-1]}
+
+
+def _must_close(text: str, tokens_left: int) -> bool:
+    """An open call must be steered to its end: the turn's token limit is near, or it runs on or repeats."""
+    call = text[text.rfind(CALL_OPEN):]
+    if tokens_left <= CLOSE_MARGIN or len(call) > MAX_CALL_CHARS:
+        return True
+    tail = call[-REPEAT_SPAN:]
+    return len(call) > 4 * REPEAT_SPAN and call.count(tail) >= 3  # looping on the same text
 
 
 def _drop_last_call(text: str) -> str:
@@ -161,7 +171,7 @@ class LlamaBackend:
         self.vocab = self.llm._model.vocab
         self.n_vocab = self.llm.n_vocab()
         self._pieces: dict[int, bytes] = {}
-        self._closer_mask: Any = None
+        self._closer_bias: Any = None
         self._lock = threading.Lock()
         meta = self.llm.metadata
         tokens = lambda key: self._piece(int(meta[key]), special=True).decode("utf-8", "replace") if key in meta else ""  # noqa: E731
@@ -172,6 +182,7 @@ class LlamaBackend:
         self.bos_text = tokens("tokenizer.ggml.bos_token_id")
         self.sampler = self._make_sampler()
         self.last: dict[str, Any] = {}
+        self._context: tuple[str, list[int]] = ("", [])
 
     # -- helpers --------------------------------------------------------------------------
     def _make_sampler(self) -> Any:
@@ -201,6 +212,16 @@ class LlamaBackend:
     def tokenize(self, text: str) -> list[int]:
         add_bos = bool(self.lc.llama_vocab_get_add_bos(self.vocab)) and not (self.bos_text and text.startswith(self.bos_text))
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def _tokens_for(self, text: str) -> list[int]:
+        """Tokens of a rendered prompt, reusing the exact tokens of the previous turn's prompt and
+        reply when the text extends them: re-tokenizing generated text can split it differently
+        (grammar-steered tokens are not always canonical), which would defeat KV-cache reuse."""
+        cached_text, cached_tokens = self._context
+        if cached_text and text.startswith(cached_text):
+            rest = text[len(cached_text):]
+            return cached_tokens + self.llm.tokenize(rest.encode("utf-8"), add_bos=False, special=True)
+        return self.tokenize(text)
 
     def grammar_for(self, tools: Sequence[Tool], tool_choice: str) -> str | None:
         if not tools or tool_choice == "none":
@@ -240,26 +261,32 @@ class LlamaBackend:
         logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(self.n_vocab,))
         grammar.mask(logits)
         if closing:
-            logits[self._closers()] += 100.0
+            logits += self._closers()  # -inf (rejected) stays -inf
         return lc.llama_sampler_sample(self.sampler, ctx, -1), True
 
     def _closers(self) -> Any:
-        """Tokens that end something: a quote, a closing bracket, or end of generation."""
-        if self._closer_mask is None:
+        """Bias toward tokens that end a call soonest: end of turn, then a quote, then a bracket."""
+        if self._closer_bias is None:
             import numpy as np
 
-            mask = np.zeros(self.n_vocab, dtype=bool)
+            bias = np.zeros(self.n_vocab, dtype=np.float32)
             for t in range(self.n_vocab):
                 piece = self._piece(t)
-                mask[t] = any(c in piece for c in (b'"', b"}", b"]")) or bool(self.lc.llama_vocab_is_eog(self.vocab, t))
-            self._closer_mask = mask
-        return self._closer_mask
+                if self.lc.llama_vocab_is_eog(self.vocab, t):
+                    bias[t] = 300.0
+                elif piece.startswith(b'"'):
+                    bias[t] = 200.0 + 20.0 * (b"}" in piece)
+                elif piece.startswith((b"}", b"]")):
+                    bias[t] = 100.0
+            self._closer_bias = bias
+        return self._closer_bias
 
     # -- one turn -------------------------------------------------------------------------
     def turn(self, messages: Sequence[Message], tools: Sequence[Tool], tool_choice: str = "auto") -> Iterator[Message]:
         """Decode one assistant turn under the turn grammar, yielding deltas then the message."""
         grammar_text = self.grammar_for(tools, tool_choice)
-        prompt = self.tokenize(self.render(messages, tools))
+        prompt_text = self.render(messages, tools)
+        prompt = self._tokens_for(prompt_text)
         max_new = min(self.options.max_tokens, self.n_ctx - len(prompt))
         if max_new <= 0:
             raise ContextFull(f"prompt is {len(prompt)} tokens; the context window holds {self.n_ctx}")
@@ -271,11 +298,11 @@ class LlamaBackend:
                 t_first = time.perf_counter()
                 decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
                 text = ""
+                ends: list[int] = []  # length of the text after each generated token
+                new_ids: list[int] = []
                 generated, masked, stop = 0, 0, "length"
                 while generated < max_new:
-                    closing = grammar is not None and text.startswith(CALL_OPEN) and (
-                        max_new - generated <= CLOSE_MARGIN or len(text) - text.rfind(CALL_OPEN) > MAX_CALL_CHARS
-                    )
+                    closing = grammar is not None and text.startswith(CALL_OPEN) and _must_close(text, max_new - generated)
                     token, was_masked = self._sample(grammar, closing)
                     masked += was_masked
                     if self.lc.llama_vocab_is_eog(self.vocab, token):
@@ -284,10 +311,12 @@ class LlamaBackend:
                     if grammar is not None:
                         grammar.accept(token)
                     generated += 1
+                    new_ids.append(token)
                     piece = decoder.decode(self._piece(token))
                     if piece:
                         text += piece
                         yield Message("assistant", piece, meta={"delta": True})
+                    ends.append(len(text))
                     if grammar is not None and piece.endswith(">") and _repeats_a_call(text):
                         text = _drop_last_call(text)
                         stop = "repeat"  # small models repeat the same call; one copy is enough
@@ -301,11 +330,14 @@ class LlamaBackend:
         decode_s = t_end - t_first
         stats = {
             "prompt_tokens": len(prompt), "cached_tokens": cached, "evaluated_tokens": evaluated,
-            "generated_tokens": generated, "masked_tokens": masked, "stop": stop,
+            "generated_tokens": generated, "kept_tokens": sum(1 for e in ends if e <= len(text)),
+            "masked_tokens": masked, "stop": stop,
             "prefill_s": round(t_first - t0, 4), "decode_s": round(decode_s, 4),
             "decode_tps": round(generated / decode_s, 2) if decode_s > 0 else None,
         }
         self.last = stats
+        # What the KV cache now holds, as text and as the exact tokens (see _tokens_for).
+        self._context = (prompt_text + text, prompt + new_ids[: stats["kept_tokens"]])
         calls = parse_calls(text) if grammar_text and text.startswith("<tool_call>") else ()
         if calls:
             yield Message("assistant", "", tool_calls=calls, meta={"raw": text, "stats": stats})
