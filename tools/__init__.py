@@ -1,19 +1,45 @@
-"""Built-in tools ("devices"): each module is importable alone and usable without the kernel."""
+"""Built-in tools ("devices"): each module is importable alone and usable without the kernel.
+
+A built-in is either a Tool (stateless, e.g. the calculator) or a factory `make(ctx) -> Tool` for
+tools that hold state or touch the outside (a sandbox session, a browser, an artifacts folder).
+Factories must not start anything heavy: browsers and sandboxes start on first call.
+"""
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # name -> "module:attribute"; imported only when the tool is enabled, so `import llmos` stays light.
 BUILTIN = {
     "calculator": "llmos.tools.calculator:calculator",
+    "plot": "llmos.tools.plot:make",
+    "python": "llmos.tools.python:make",
+    "browser": "llmos.tools.browser:make",
 }
 
 
-def load_builtin(name: str) -> Any:
-    """The Tool object of a built-in tool; unknown names get the list of known ones."""
-    from llmos.toolbox import ToolError
+@dataclass(frozen=True)
+class ToolContext:
+    """Where a run's tools may read and write, and what they may reach."""
+
+    artifacts: Path  # files the tools produce for the user (plots, screenshots)
+    workspace: Path  # the python sandbox's one writable folder
+    allow_domains: tuple[str, ...] = ("127.0.0.1", "localhost")  # browser allow-list (hosts; "*.example.org" allowed)
+    unsandboxed_python: bool = False  # run python without bubblewrap: only when the user asks explicitly
+    options: dict[str, Any] = field(default_factory=dict)  # per-tool extras, e.g. {"python": {"timeout": 30}}
+
+    @classmethod
+    def under(cls, folder: Path, **kwargs: Any) -> "ToolContext":
+        """A context whose artifacts and workspace are sub-folders of one run folder."""
+        return cls(artifacts=Path(folder) / "artifacts", workspace=Path(folder) / "workspace", **kwargs)
+
+
+def load_builtin(name: str, ctx: ToolContext | None = None) -> Any:
+    """The Tool of a built-in; unknown names get the list of known ones (and a close match)."""
+    from llmos.toolbox import Tool, ToolError
 
     if name not in BUILTIN:
         import difflib
@@ -22,4 +48,11 @@ def load_builtin(name: str) -> Any:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ToolError(f"no built-in tool named {name!r}{hint}; available: {', '.join(BUILTIN)}")
     module, attr = BUILTIN[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    obj = getattr(importlib.import_module(module), attr)
+    if isinstance(obj, Tool):
+        return obj
+    if ctx is None:
+        import tempfile
+
+        ctx = ToolContext.under(Path(tempfile.mkdtemp(prefix="llmos-tools-")))
+    return obj(ctx)
