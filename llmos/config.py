@@ -33,6 +33,15 @@ class ModelOptions(pydantic.BaseModel):
     max_tokens: int = pydantic.Field(512, ge=1)  # per model turn
 
 
+class ToolSettings(pydantic.BaseModel):
+    """What the built-in tools may reach."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    allow_domains: list[str] = ["127.0.0.1", "localhost"]  # browser allow-list; "*.example.org" allowed
+    unsandboxed_python: bool = False  # run the python tool without bubblewrap (explicit opt-in only)
+
+
 class Settings(pydantic.BaseModel):
     """Everything configurable outside a task file."""
 
@@ -42,10 +51,15 @@ class Settings(pydantic.BaseModel):
     model: ModelOptions = ModelOptions()
     max_steps: int = pydantic.Field(8, ge=1)
     model_paths: list[str] = []  # extra .gguf files or folders for `llmos models`
+    tools: ToolSettings = ToolSettings()
 
     @property
     def trace_dir(self) -> Path:
         return self.home / "traces"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
 
 
 def home_dir() -> Path:
