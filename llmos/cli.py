@@ -96,7 +96,7 @@ def run(
         tools = [] if no_tools else [load_builtin(name, ctx) for name in dict.fromkeys(tool)]
         kernel = Kernel(
             tools=tools, system=system, max_steps=settings.max_steps, options=settings.model,
-            trace_dir=settings.trace_dir,
+            trace=settings.trace_dir,
         )
         plan = getattr(kernel.backend, "plan", None)
         if plan is not None and plan.n_gpu_layers == 0 and not as_json:
@@ -112,6 +112,94 @@ def run(
                 typer.echo(f"trace: {kernel.trace.path}", err=True)
     except _errors() as exc:
         raise fail(str(exc)) from None
+
+
+def _parse_vars(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise fail(f"--var {pair!r}: expected name=value")
+        k, v = pair.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def _load_tasks(paths: list[Path], override: list[str], var: list[str]):
+    """Validate every task file before anything runs; all problems, then exit 2."""
+    from llmos.task import TaskError, load_task
+
+    variables = _parse_vars(var)
+    tasks, problems = [], []
+    for path in paths:
+        try:
+            tasks.append((path, load_task(path, override, variables)))
+        except TaskError as exc:
+            problems += exc.problems
+    if problems:
+        for line in problems:
+            typer.echo(f"llmos: error: {line}", err=True)
+        raise typer.Exit(2)
+    return tasks
+
+
+@app.command()
+def validate(
+    task_files: List[Path] = typer.Argument(..., help="Task files (YAML) to check."),
+    override: List[str] = typer.Option([], "-o", help="Override a task field, e.g. -o budget.max_steps=3."),
+    var: List[str] = typer.Option([], "--var", help="Fill a {variable} of the goal: --var city=Paris (repeatable)."),
+) -> None:
+    """Check task files without running them: every problem with file, line and field; exit 2 if any."""
+    for path, task in _load_tasks(task_files, override, var):
+        typer.echo(f"ok: {path} ({len(task.checks)} checks, tools: {', '.join(task.tools.enabled) or 'none'})")
+
+
+@app.command()
+def agent(
+    task_files: List[Path] = typer.Argument(..., help="Task files (YAML); several run as separate agents."),
+    override: List[str] = typer.Option([], "-o", help="Override a task field, e.g. -o model.temperature=0.2 (repeatable)."),
+    var: List[str] = typer.Option([], "--var", help="Fill a {variable} of the goal: --var city=Paris (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print each task's result JSON instead of the live transcript."),
+) -> None:
+    """Run task files unattended. Exit 0: all checks passed; 1: a check failed; 2: invalid input; 130: interrupted."""
+    import signal
+
+    from llmos.agent import EXIT_INTERRUPTED, backend_for, exit_code, run_task
+    from llmos.config import load_settings
+    from llmos.render import MessagePrinter, err
+
+    tasks = _load_tasks(task_files, override, var)
+    try:
+        settings = load_settings()
+    except _errors() as exc:
+        raise fail(str(exc)) from None
+
+    def terminate(signum, frame):  # a kill ends the run like Ctrl-C: trace closed, result.json written
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    backends: dict = {}
+    codes = []
+    for path, task in tasks:
+        try:
+            backend = backend_for(task, backends)
+        except _errors() as exc:
+            raise fail(str(exc)) from None
+        if not as_json:
+            err.print(f"[bold]▶ {task.name or path.stem}[/bold] [dim]({path})[/dim]")
+        printer = MessagePrinter()
+        result = run_task(task, path, settings.runs_dir, backend, on_message=(lambda m: None) if as_json else printer)
+        codes.append(exit_code(result))
+        if as_json:
+            typer.echo(json.dumps(result, default=str))
+        else:
+            for c in result["checks"]:
+                mark = "[green]✓[/green]" if c["passed"] else "[red]✗[/red]"
+                err.print(f"  {mark} {json.dumps(c['check'])}" + (f" — {c['why']}" if c["why"] else ""))
+            status = "passed" if result["passed"] else result["status"] if result["status"] != "finished" else "checks failed"
+            err.print(f"  {status}: {result['steps']} step(s), {result['timings']['total_s']} s; result: {Path(result['artifacts']) / 'result.json'}")
+        if codes[-1] == EXIT_INTERRUPTED:
+            break
+    raise typer.Exit(max(codes) if codes else 0)
 
 
 @app.command()

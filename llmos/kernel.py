@@ -41,7 +41,8 @@ class Kernel:
     """A local model with tools. `run` yields Messages; `complete` plans one turn, runs nothing.
 
     model: a .gguf path, a Backend (e.g. llmos.testing.ScriptedBackend), or None for the default
-    model. Tools: @tool functions, typed functions or OpenAI-format tool dicts.
+    model. Tools: @tool functions, typed functions or OpenAI-format tool dicts. max_steps bounds
+    the model turns of one run; max_seconds (optional) its wall-clock time, checked between steps.
     """
 
     def __init__(
@@ -52,7 +53,8 @@ class Kernel:
         system: str | None = None,
         max_steps: int = 8,
         options: ModelOptions | None = None,
-        trace_dir: str | Path | None = None,
+        trace: str | Path | None = None,
+        max_seconds: float | None = None,
     ) -> None:
         if model is None or isinstance(model, (str, Path)):
             from llmos.backend import LlamaBackend
@@ -67,8 +69,12 @@ class Kernel:
         self.tools = Toolbox(tools)
         self.max_steps = max_steps
         self.messages: list[Message] = [Message("system", system)] if system else []
-        run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        self.trace = Trace(Path(trace_dir or home_dir() / "traces") / f"{run_id}.jsonl")
+        self.max_seconds = max_seconds
+        # trace: a .jsonl file, or a folder that gets one file per kernel (default <home>/traces)
+        path = Path(trace) if trace is not None else home_dir() / "traces"
+        if path.suffix != ".jsonl":
+            path = path / (time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6] + ".jsonl")
+        self.trace = Trace(path)
 
     def tool(self, fn: Any) -> Tool:
         """Register a tool; usable as a decorator (`@kernel.tool`)."""
@@ -109,7 +115,11 @@ class Kernel:
         yield self._add(Message("user", prompt))
         seen: set[str] = set()
         choice = tool_choice
+        deadline = time.monotonic() + self.max_seconds if self.max_seconds else None
         for step in range(1, self.max_steps + 1):
+            if deadline is not None and time.monotonic() > deadline:
+                yield self._add(Message("kernel", f"time budget of {self.max_seconds:g} s exhausted", meta={"exit": "timeout", "steps": step - 1}))
+                return
             if step == self.max_steps and len(self.tools):
                 choice = "none"  # the last step must answer, so every run ends on an answer
             reply = None

@@ -38,6 +38,7 @@ class Tool:
     timeout: float = 60.0
     untrusted: bool = False  # results come from outside (web pages, files): data, not instructions
     touches: str = "nothing outside the process"
+    close: Callable[[], None] | None = field(default=None, repr=False)  # releases what a stateful tool holds
 
     def schema(self) -> dict[str, Any]:
         """The OpenAI-format tool dict."""

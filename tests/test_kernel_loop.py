@@ -26,7 +26,7 @@ def run(kernel, prompt, **kw):
 
 def test_call_then_answer(tmp_path):
     backend = ScriptedBackend([call("add", a=2, b=3), "The sum is 5."])
-    kernel = Kernel(backend, tools=[add], trace_dir=tmp_path)
+    kernel = Kernel(backend, tools=[add], trace=tmp_path)
     msgs = [m for m in run(kernel, "add 2 and 3")]
     roles = [m.role for m in msgs]
     assert roles == ["user", "assistant", "tool", "assistant", "kernel"]
@@ -39,7 +39,7 @@ def test_call_then_answer(tmp_path):
 
 def test_failing_tool_becomes_tool_message_and_run_continues(tmp_path):
     backend = ScriptedBackend([call("explode", reason="x"), "It failed."])
-    kernel = Kernel(backend, tools=[explode], trace_dir=tmp_path)
+    kernel = Kernel(backend, tools=[explode], trace=tmp_path)
     msgs = run(kernel, "go")
     tool_msg = next(m for m in msgs if m.role == "tool")
     assert tool_msg.meta["error"] is True
@@ -49,14 +49,14 @@ def test_failing_tool_becomes_tool_message_and_run_continues(tmp_path):
 
 def test_invalid_arguments_come_back_as_tool_message(tmp_path):
     backend = ScriptedBackend([call("add", a="two", b=3), "ok"])
-    kernel = Kernel(backend, tools=[add], trace_dir=tmp_path)
+    kernel = Kernel(backend, tools=[add], trace=tmp_path)
     tool_msg = next(m for m in run(kernel, "go") if m.role == "tool")
     assert tool_msg.meta["error"] and "invalid arguments" in tool_msg.content and "a:" in tool_msg.content
 
 
 def test_step_budget_forces_an_answer_on_the_last_step(tmp_path):
     backend = ScriptedBackend([call("add", a=1, b=1), call("add", a=2, b=2), "final"])
-    kernel = Kernel(backend, tools=[add], max_steps=3, trace_dir=tmp_path)
+    kernel = Kernel(backend, tools=[add], max_steps=3, trace=tmp_path)
     msgs = run(kernel, "loop")
     assert [s.tool_choice for s in backend.seen] == ["auto", "auto", "none"]
     assert msgs[-1].meta["exit"] == "max_steps"
@@ -65,14 +65,14 @@ def test_step_budget_forces_an_answer_on_the_last_step(tmp_path):
 
 def test_repeating_the_same_call_forces_an_answer(tmp_path):
     backend = ScriptedBackend([call("add", a=1, b=1), call("add", a=1, b=1), "done"])
-    kernel = Kernel(backend, tools=[add], trace_dir=tmp_path)
+    kernel = Kernel(backend, tools=[add], trace=tmp_path)
     run(kernel, "loop")
     assert [s.tool_choice for s in backend.seen] == ["auto", "auto", "none"]
 
 
 def test_tool_choice_applies_to_first_turn_only(tmp_path):
     backend = ScriptedBackend([call("add", a=1, b=2), "3"])
-    kernel = Kernel(backend, tools=[add], trace_dir=tmp_path)
+    kernel = Kernel(backend, tools=[add], trace=tmp_path)
     run(kernel, "x", tool_choice="required")
     assert [s.tool_choice for s in backend.seen] == ["required", "auto"]
 
@@ -87,7 +87,7 @@ def test_several_calls_in_one_turn_results_in_call_order(tmp_path):
         return label
 
     backend = ScriptedBackend([[call("sleepy", seconds=0.3, label="first"), call("sleepy", seconds=0.0, label="second")], "ok"])
-    kernel = Kernel(backend, tools=[sleepy], trace_dir=tmp_path)
+    kernel = Kernel(backend, tools=[sleepy], trace=tmp_path)
     tools = [m.content for m in run(kernel, "x") if m.role == "tool"]
     assert tools == ["first", "second"]
 
@@ -104,7 +104,7 @@ def test_runaway_tool_times_out(tmp_path):
         return "late"
 
     backend = ScriptedBackend([call("hang"), "gave up"])
-    kernel = Kernel(backend, tools=[hang], trace_dir=tmp_path)
+    kernel = Kernel(backend, tools=[hang], trace=tmp_path)
     msgs = run(kernel, "x")
     release.set()
     tool_msg = next(m for m in msgs if m.role == "tool")
@@ -114,7 +114,7 @@ def test_runaway_tool_times_out(tmp_path):
 
 def test_streaming_yields_deltas_that_add_up_to_the_answer(tmp_path):
     backend = ScriptedBackend(["Hello there, world."])
-    kernel = Kernel(backend, trace_dir=tmp_path)
+    kernel = Kernel(backend, trace=tmp_path)
     msgs = run(kernel, "hi", stream=True)
     deltas = [m.content for m in msgs if m.is_delta]
     assert len(deltas) > 1
@@ -126,7 +126,7 @@ def test_streaming_yields_deltas_that_add_up_to_the_answer(tmp_path):
 
 def test_trace_is_jsonl_of_complete_messages(tmp_path):
     backend = ScriptedBackend([call("add", a=2, b=2), "4"])
-    kernel = Kernel(backend, tools=[add], trace_dir=tmp_path)
+    kernel = Kernel(backend, tools=[add], trace=tmp_path)
     msgs = [m for m in run(kernel, "x", stream=True) if not m.is_delta]
     lines = kernel.trace.path.read_text().splitlines()
     assert len(lines) == len(msgs)
@@ -139,7 +139,7 @@ def test_trace_is_jsonl_of_complete_messages(tmp_path):
 
 def test_conversation_continues_across_runs_and_reset(tmp_path):
     backend = ScriptedBackend(["one", "two"])
-    kernel = Kernel(backend, system="be brief", trace_dir=tmp_path)
+    kernel = Kernel(backend, system="be brief", trace=tmp_path)
     run(kernel, "a")
     run(kernel, "b")
     assert [m.content for m in backend.seen[1].messages] == ["be brief", "a", "one", "b"]
@@ -157,7 +157,7 @@ def test_complete_takes_openai_dicts_and_executes_nothing(tmp_path):
     spec = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
     backend = ScriptedBackend([call("get_weather", city="Paris")])
-    kernel = Kernel(backend, trace_dir=tmp_path)
+    kernel = Kernel(backend, trace=tmp_path)
     reply = kernel.complete([{"role": "user", "content": "weather in Paris?"}], [spec])
     assert reply.tool_calls[0].name == "get_weather"
     assert dict(reply.tool_calls[0].arguments) == {"city": "Paris"}
@@ -166,10 +166,10 @@ def test_complete_takes_openai_dicts_and_executes_nothing(tmp_path):
 
 
 def test_scripted_backend_rejects_impossible_turns(tmp_path):
-    kernel = Kernel(ScriptedBackend([call("nope")]), tools=[add], trace_dir=tmp_path)
+    kernel = Kernel(ScriptedBackend([call("nope")]), tools=[add], trace=tmp_path)
     with pytest.raises(AssertionError):
         run(kernel, "x")
-    kernel = Kernel(ScriptedBackend([]), trace_dir=tmp_path)
+    kernel = Kernel(ScriptedBackend([]), trace=tmp_path)
     with pytest.raises(ScriptOver):
         run(kernel, "x")
 

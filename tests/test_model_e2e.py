@@ -27,7 +27,7 @@ def send_email(to: str, subject: str, body: str) -> str:
 
 @pytest.fixture
 def kernel(llama_backend, tmp_path):
-    return Kernel(llama_backend, tools=[calculator], trace_dir=tmp_path)
+    return Kernel(llama_backend, tools=[calculator], trace=tmp_path)
 
 
 def test_forced_calculator_call_runs_and_loop_ends_with_answer(kernel):
@@ -50,7 +50,7 @@ def test_every_required_call_parses_and_validates(llama_backend, tmp_path):
         "What is the weather in Paris?", "Compute 2**64.", "Email bob@example.com that the build passed.",
         "Is it raining in Tokyo?", "integrate x squared", "Tell me a joke.",
     ]
-    kernel = Kernel(llama_backend, tools=tools, trace_dir=tmp_path)
+    kernel = Kernel(llama_backend, tools=tools, trace=tmp_path)
     by_name = {t.name: t for t in tools}
     for prompt in prompts:
         reply = kernel.complete([{"role": "user", "content": prompt}], tools, tool_choice="required")
@@ -60,7 +60,7 @@ def test_every_required_call_parses_and_validates(llama_backend, tmp_path):
 
 
 def test_plain_answer_streams_tokens(llama_backend, tmp_path):
-    kernel = Kernel(llama_backend, trace_dir=tmp_path)
+    kernel = Kernel(llama_backend, trace=tmp_path)
     msgs = list(kernel.run("Say hello in one short sentence.", stream=True))
     deltas = [m.content for m in msgs if m.is_delta]
     answer = [m for m in msgs if m.role == "assistant" and not m.is_delta][-1]
@@ -74,7 +74,7 @@ def test_plain_answer_streams_tokens(llama_backend, tmp_path):
 def test_complete_with_openai_tool_dicts(llama_backend, tmp_path):
     spec = {"type": "function", "function": {"name": "lookup_order", "description": "Find an order by id",
                                               "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}}
-    kernel = Kernel(llama_backend, trace_dir=tmp_path)
+    kernel = Kernel(llama_backend, trace=tmp_path)
     reply = kernel.complete([{"role": "user", "content": "Where is my order A-1234?"}], [spec], tool_choice="required")
     assert isinstance(reply, Message) and reply.tool_calls[0].name == "lookup_order"
     assert isinstance(reply.tool_calls[0].arguments["order_id"], str)
@@ -93,6 +93,6 @@ def test_bad_model_files_raise_before_llama_cpp(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_text("nope")
     with pytest.raises(ModelFileError, match="not a GGUF"):
-        Kernel(bad, trace_dir=tmp_path)
+        Kernel(bad, trace=tmp_path)
     with pytest.raises(ModelFileError, match="no such file"):
-        Kernel(tmp_path / "missing.gguf", trace_dir=tmp_path)
+        Kernel(tmp_path / "missing.gguf", trace=tmp_path)

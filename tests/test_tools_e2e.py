@@ -13,7 +13,7 @@ def run(kernel, prompt, choice):
 
 
 def test_calculator_through_the_kernel(llama_backend, tmp_path):
-    kernel = Kernel(llama_backend, tools=[load_builtin("calculator")], trace_dir=tmp_path)
+    kernel = Kernel(llama_backend, tools=[load_builtin("calculator")], trace=tmp_path)
     msgs = run(kernel, "What is 2**64?", "calculator")
     result = next(m for m in msgs if m.role == "tool")
     assert not result.meta.get("error"), result.content
@@ -22,7 +22,7 @@ def test_calculator_through_the_kernel(llama_backend, tmp_path):
 
 def test_plot_through_the_kernel(llama_backend, tmp_path):
     ctx = ToolContext.under(tmp_path)
-    kernel = Kernel(llama_backend, tools=[load_builtin("plot", ctx)], trace_dir=tmp_path)
+    kernel = Kernel(llama_backend, tools=[load_builtin("plot", ctx)], trace=tmp_path)
     msgs = run(kernel, "Plot the numbers 1, 4, 9, 16, 25 as a line chart titled Squares.", "plot")
     call = msgs[1].tool_calls[0]
     assert call.name == "plot" and call.arguments["kind"] in ("line", "scatter", "bar", "histogram")

@@ -1,0 +1,106 @@
+"""Running a task file unattended: tools in a per-run folder, a trace, checks and a result JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from llmos.messages import Message
+from llmos.task import Task, artifacts_dir, run_checks
+
+EXIT_PASSED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file + rename): a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def backend_for(task: Task, cache: dict[str, Any]) -> Any:
+    """One loaded model per distinct model section, shared by the tasks that ask for it."""
+    key = task.model.model_dump_json()
+    if key not in cache:
+        from llmos.backend import LlamaBackend
+
+        cache[key] = LlamaBackend(task.model)
+    return cache[key]
+
+
+def run_task(
+    task: Task,
+    task_path: Path,
+    runs_dir: Path,
+    backend: Any,
+    on_message: Callable[[Message], None] = lambda m: None,
+) -> dict[str, Any]:
+    """Run one task to its end (or interruption) and return the result that result.json holds."""
+    from llmos.kernel import Kernel
+    from llmos.tools import ToolContext, load_builtin
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = artifacts_dir(task, task_path, runs_dir, stamp)
+    folder.mkdir(parents=True, exist_ok=True)
+    ctx = ToolContext(
+        artifacts=folder, workspace=folder / "workspace",
+        allow_domains=tuple(task.tools.allow_domains), unsandboxed_python=task.tools.python_unsandboxed,
+    )
+    tools = [load_builtin(name, ctx) for name in dict.fromkeys(task.tools.enabled)]
+    kernel = Kernel(backend, tools, system=task.system, max_steps=task.budget.max_steps,
+                    trace=folder / "trace.jsonl", max_seconds=task.budget.max_seconds)
+    result: dict[str, Any] = {"task": str(task_path), "name": task.name or task_path.stem, "artifacts": str(folder),
+                              "trace": str(kernel.trace.path), "status": "running"}
+    answer, exit_reason, steps, called = "", None, 0, set()
+    tokens = {"prompt": 0, "evaluated": 0, "generated": 0}
+    t0 = time.perf_counter()
+    first_token_s = None
+    try:
+        for message in kernel.run(task.prompt(), stream=True, tool_choice=task.tools.tool_choice):
+            if message.is_delta and first_token_s is None:
+                first_token_s = time.perf_counter() - t0
+            on_message(message)
+            if message.is_delta:
+                continue
+            if message.role == "assistant":
+                stats = message.meta.get("stats") or {}
+                tokens["prompt"] += stats.get("prompt_tokens", 0)
+                tokens["evaluated"] += stats.get("evaluated_tokens", 0)
+                tokens["generated"] += stats.get("generated_tokens", 0)
+                called |= {c.name for c in message.tool_calls}
+                if not message.tool_calls:
+                    answer = message.content
+            if message.role == "kernel" and message.meta.get("exit"):
+                exit_reason, steps = message.meta["exit"], message.meta.get("steps", 0)
+        result["status"] = "finished"
+    except KeyboardInterrupt:
+        result["status"] = "interrupted"
+    finally:
+        for t in tools:
+            if t.close is not None:
+                t.close()
+        checks = run_checks(task, answer, called, folder) if result["status"] == "finished" else []
+        result.update({
+            "answer": answer, "exit": exit_reason, "steps": steps, "tools_called": sorted(called),
+            "tokens": tokens, "checks": checks, "passed": result["status"] == "finished" and all(c["passed"] for c in checks),
+            "timings": {"total_s": round(time.perf_counter() - t0, 3),
+                        "first_token_s": round(first_token_s, 3) if first_token_s is not None else None},
+        })
+        write_json(folder / "result.json", result)
+    return result
+
+
+def exit_code(result: dict[str, Any]) -> int:
+    if result["status"] == "interrupted":
+        return EXIT_INTERRUPTED
+    return EXIT_PASSED if result["passed"] else EXIT_FAILED
