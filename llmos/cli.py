@@ -11,8 +11,8 @@ import typer
 
 app = typer.Typer(
     name="llmos",
-    help="llmos: a local LLM operating system. A GGUF model is the kernel; tools are its devices.",
-    no_args_is_help=True,
+    help="llmos: a local LLM operating system. A GGUF model is the kernel; tools are its devices. Without a command: the interactive shell.",
+    invoke_without_command=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -28,9 +28,18 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    """llmos: a local LLM operating system. A GGUF model is the kernel; tools are its devices."""
+    """llmos: a local LLM operating system. A GGUF model is the kernel; tools are its devices.
+
+    Without a command, starts the interactive shell (same as `llmos repl`).
+    """
+    if ctx.invoked_subcommand is None:
+        repl(model=None, tool=list(DEFAULT_SHELL_TOOLS), override=[])
+
+
+DEFAULT_SHELL_TOOLS = ("calculator", "plot")
 
 
 OVERRIDE_HELP = "Override a setting, e.g. -o model.temperature=0.2 -o max_steps=4 (repeatable)."
@@ -200,6 +209,22 @@ def agent(
         if codes[-1] == EXIT_INTERRUPTED:
             break
     raise typer.Exit(max(codes) if codes else 0)
+
+
+@app.command()
+def repl(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Path to a .gguf model (default: SmolLM2-135M-Instruct)."),
+    tool: List[str] = typer.Option(list(DEFAULT_SHELL_TOOLS), "--tool", "-t", help="Built-in tool to enable (repeatable)."),
+    override: List[str] = typer.Option([], "-o", help=OVERRIDE_HELP),
+) -> None:
+    """Interactive shell: streamed answers, tool calls shown, /help for slash commands."""
+    from llmos.repl import run_shell
+
+    try:
+        settings = _settings(override, None, None)
+        run_shell(settings, tool, str(model) if model else None)
+    except _errors() as exc:
+        raise fail(str(exc)) from None
 
 
 @app.command()

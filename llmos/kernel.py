@@ -6,11 +6,11 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from llmos.backend import Backend, ContextFull
 from llmos.config import ModelOptions, home_dir
-from llmos.messages import Message
+from llmos.messages import Message, ToolCall
 from llmos.toolbox import Tool, Toolbox, as_tool
 
 
@@ -55,6 +55,7 @@ class Kernel:
         options: ModelOptions | None = None,
         trace: str | Path | None = None,
         max_seconds: float | None = None,
+        approve: Callable[[ToolCall], bool] | None = None,
     ) -> None:
         if model is None or isinstance(model, (str, Path)):
             from llmos.backend import LlamaBackend
@@ -70,6 +71,7 @@ class Kernel:
         self.max_steps = max_steps
         self.messages: list[Message] = [Message("system", system)] if system else []
         self.max_seconds = max_seconds
+        self.approve = approve  # asked before each call; a refusal reaches the model as a tool message
         # trace: a .jsonl file, or a folder that gets one file per kernel (default <home>/traces)
         path = Path(trace) if trace is not None else home_dir() / "traces"
         if path.suffix != ".jsonl":
@@ -138,12 +140,19 @@ class Kernel:
                 exit_reason = "max_steps" if step == self.max_steps and step > 1 else "answer"
                 yield self._add(Message("kernel", reply.content, meta={"exit": exit_reason, "steps": step}))
                 return
-            for result in self.tools.call_all(reply.tool_calls):
+            for result in self._call_tools(reply.tool_calls):
                 yield self._add(result)
             keys = {_call_key(c) for c in reply.tool_calls}
             choice = "none" if keys <= seen else "auto"  # the same calls again: stop looping, answer
             seen |= keys
         yield self._add(Message("kernel", "step budget exhausted", meta={"exit": "max_steps", "steps": self.max_steps}))
+
+    def _call_tools(self, calls: Sequence[ToolCall]) -> list[Message]:
+        """Run the approved calls concurrently; refused ones answer with a tool message. Call order kept."""
+        allowed = [c for c in calls if self.approve is None or self.approve(c)]
+        done = dict(zip((c.id for c in allowed), self.tools.call_all(allowed)))
+        refused = lambda c: Message("tool", f"error: the user did not allow this call to {c.name!r}", meta={"tool_call_id": c.id, "name": c.name, "error": True, "refused": True})  # noqa: E731
+        return [done.get(c.id) or refused(c) for c in calls]
 
     def answer(self, prompt: str, **kwargs: Any) -> str:
         """Run and return only the final answer text."""

@@ -11,8 +11,8 @@ from rich.table import Table
 
 from llmos.messages import Message
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _short(text: str, limit: int = 300) -> str:

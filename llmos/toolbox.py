@@ -114,6 +114,7 @@ def make_tool(
     timeout: float = 60.0,
     untrusted: bool = False,
     touches: str = "nothing outside the process",
+    close: Callable[[], None] | None = None,
 ) -> Tool:
     """Build a Tool from a typed function: each parameter needs a type hint (Annotated Field ok)."""
     name = _check_name(name or fn.__name__)
@@ -144,6 +145,7 @@ def make_tool(
         timeout=timeout,
         untrusted=untrusted,
         touches=touches,
+        close=close,
     )
 
 

@@ -180,3 +180,33 @@ def test_message_round_trip():
     assert again.tool_calls[0].arguments == {"a": 1, "b": 2} and again.meta["x"] == 1
     with pytest.raises(ValueError):
         Message("robot", "x")
+
+
+def test_refused_call_reaches_the_model_and_others_run(tmp_path):
+    asked = []
+
+    def approve(c):
+        asked.append(c.name)
+        return c.arguments.get("a") != 666
+
+    backend = ScriptedBackend([[call("add", a=666, b=1), call("add", a=1, b=1)], "ok"])
+    kernel = Kernel(backend, tools=[add], trace=tmp_path, approve=approve)
+    tools = [m for m in run(kernel, "x") if m.role == "tool"]
+    assert asked == ["add", "add"]
+    assert tools[0].meta.get("refused") and "did not allow" in tools[0].content
+    assert tools[1].content == "2"
+
+
+def test_time_budget_ends_the_run(tmp_path):
+    import time as _t
+
+    @tool
+    def slow() -> str:
+        """Slow."""
+        _t.sleep(0.3)
+        return "done"
+
+    backend = ScriptedBackend([call("slow"), call("slow"), "never"])
+    kernel = Kernel(backend, tools=[slow], trace=tmp_path, max_seconds=0.2)
+    msgs = run(kernel, "x")
+    assert msgs[-1].meta["exit"] == "timeout"

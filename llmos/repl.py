@@ -1,0 +1,245 @@
+"""The interactive shell: prompt_toolkit input, rich output, streaming, slash commands.
+
+The prompt appears before the model is loaded (loading runs on a thread), so the shell is usable
+at once; the first question waits for the load if it has not finished.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from llmos.config import Settings
+from llmos.messages import Message, ToolCall
+from llmos.render import MessagePrinter, err, out
+
+COMMANDS = {
+    "/help": "this list",
+    "/tools": "the enabled tools",
+    "/model": "show the model; /model PATH switches to another GGUF",
+    "/memory": "context window usage",
+    "/ps": "agents in this shell",
+    "/trace": "where this session's JSONL trace is",
+    "/save": "/save FILE: write the conversation as JSON lines",
+    "/load": "/load FILE: replace the conversation with a saved one",
+    "/reset": "forget the conversation",
+    "/exit": "leave (Ctrl-D works too)",
+}
+RISKY = ("python", "browser")  # tools whose calls ask for approval in the shell
+
+
+class Shell:
+    """One interactive session: a kernel, its tools, and the commands around it."""
+
+    def __init__(self, settings: Settings, tools: list[str], model: str | None = None) -> None:
+        from llmos.tools import ToolContext, load_builtin
+        import time
+
+        self.settings = settings
+        run_dir = settings.runs_dir / ("shell-" + time.strftime("%Y%m%d-%H%M%S"))
+        self.ctx = ToolContext(artifacts=run_dir, workspace=run_dir / "workspace",
+                               allow_domains=tuple(settings.tools.allow_domains),
+                               unsandboxed_python=settings.tools.unsandboxed_python)
+        self.tools = [load_builtin(name, self.ctx) for name in dict.fromkeys(tools)]
+        self.always: set[str] = set()
+        self.kernel: Any = None
+        self._error: BaseException | None = None
+        self._model_path = model
+        self._loader = threading.Thread(target=self._load, daemon=True)
+        self._loader.start()
+
+    # -- model loading ----------------------------------------------------------------------
+    def _load(self) -> None:
+        from llmos.kernel import Kernel
+
+        try:
+            options = self.settings.model
+            if self._model_path:
+                options = options.model_copy(update={"path": self._model_path})
+            self.kernel = Kernel(tools=self.tools, max_steps=self.settings.max_steps, options=options,
+                                 trace=self.settings.trace_dir, approve=self.approve)
+        except BaseException as exc:  # noqa: BLE001 - reported at the next prompt, the shell stays up
+            self._error = exc
+
+    def ready(self) -> bool:
+        if self.kernel is None and self._loader.is_alive():
+            with err.status("loading the model…"):
+                self._loader.join()
+        if self._error is not None:
+            err.print(f"[red]llmos: error: {self._error}[/red]")
+            self._error = None
+            return False
+        return self.kernel is not None
+
+    # -- approvals ----------------------------------------------------------------------------
+    def approve(self, call: ToolCall) -> bool:
+        if call.name not in RISKY or call.name in self.always:
+            return True
+        args = json.dumps(dict(call.arguments))[:400]
+        answer = self.ask(f"allow {call.name}({args})? [y]es / [n]o / [a]lways this session: ").strip().lower()
+        if answer.startswith("a"):
+            self.always.add(call.name)
+            return True
+        return answer.startswith("y")
+
+    ask: Callable[[str], str] = staticmethod(input)
+
+    # -- one question ---------------------------------------------------------------------------
+    def ask_model(self, text: str) -> None:
+        printer = MessagePrinter()
+        try:
+            if not self.ready():
+                return
+            for message in self.kernel.run(text, stream=True):
+                printer(message)
+                if message.role == "tool" and not message.is_delta:
+                    self._show_files(message)
+        except KeyboardInterrupt:
+            out.print("\n[yellow]^C stopped[/yellow]")
+
+    def _show_files(self, message: Message) -> None:
+        for word in message.content.split():
+            p = Path(word.strip("'\",;"))
+            if p.suffix in (".png", ".jpg", ".svg", ".pdf", ".csv") and p.is_absolute() and p.exists():
+                out.print(f"[magenta]  file: {p}[/magenta]")
+
+    # -- slash commands ---------------------------------------------------------------------------
+    def command(self, line: str) -> bool:
+        """Run a slash command; False means leave the shell."""
+        name, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/help":
+            for cmd, text in COMMANDS.items():
+                out.print(f"[bold]{cmd:8}[/bold] {text}")
+            out.print("Enter sends; Alt-Enter (or Esc then Enter) adds a line; Ctrl-C stops a reply; Ctrl-D leaves.")
+        elif name == "/tools":
+            from llmos.render import tools_table
+
+            tools_table(self.tools)
+        elif name == "/trace":
+            if self.ready():
+                out.print(str(self.kernel.trace.path))
+        elif name == "/reset":
+            if self.ready():
+                self.kernel.reset()
+                out.print("conversation cleared")
+        elif name == "/model":
+            self._model(arg)
+        elif name == "/memory":
+            if self.ready():
+                backend = self.kernel.backend
+                used = backend.last.get("prompt_tokens", 0) + backend.last.get("generated_tokens", 0)
+                out.print(f"context window: {used} / {backend.n_ctx} tokens ({100 * used / backend.n_ctx:.1f}%), "
+                          f"{len(self.kernel.messages)} messages; no long-term store configured")
+        elif name == "/ps":
+            state = "ready" if self.kernel is not None else "loading"
+            out.print(f"1 agent: shell ({state}), {len(self.kernel.messages) if self.kernel else 0} messages")
+        elif name == "/save":
+            self._save(arg)
+        elif name == "/load":
+            self._load_file(arg)
+        else:
+            out.print(f"[red]unknown command {name}[/red]; /help lists them")
+        return True
+
+    def _model(self, arg: str) -> None:
+        if not self.ready():
+            return
+        if not arg:
+            info = self.kernel.backend.info
+            out.print(f"{info.name} ({info.architecture}, {info.n_params / 1e6:.0f}M parameters, {info.quantization}) — {self.kernel.backend.path}")
+            return
+        from llmos.backend import LlamaBackend
+        from llmos.gguf import ModelFileError
+
+        try:
+            with err.status(f"loading {arg}…"):
+                backend = LlamaBackend(self.settings.model.model_copy(update={"path": arg}))
+        except ModelFileError as exc:
+            err.print(f"[red]llmos: error: {exc}[/red]")
+            return
+        self.kernel.backend.close()
+        self.kernel.backend = backend
+        out.print(f"switched to {backend.info.name}")
+
+    def _save(self, arg: str) -> None:
+        if not arg or not self.ready():
+            out.print("usage: /save FILE")
+            return
+        from llmos.agent import write_json
+
+        path = Path(arg).expanduser()
+        lines = [m.to_dict() for m in self.kernel.messages]
+        tmp = path.with_suffix(path.suffix + ".part")
+        tmp.write_text("".join(json.dumps(l, default=str) + "\n" for l in lines), encoding="utf-8")
+        tmp.replace(path)
+        out.print(f"saved {len(lines)} messages to {path}")
+
+    def _load_file(self, arg: str) -> None:
+        if not arg or not self.ready():
+            out.print("usage: /load FILE")
+            return
+        path = Path(arg).expanduser()
+        try:
+            messages = [Message.from_dict(json.loads(l)) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            err.print(f"[red]llmos: error: {path}: not a saved session ({exc})[/red]")
+            return
+        self.kernel.messages = messages
+        out.print(f"loaded {len(messages)} messages from {path}")
+
+    def close(self) -> None:
+        if self.kernel is not None:
+            self.kernel.close()
+        for t in self.tools:
+            if t.close is not None:
+                t.close()
+
+
+def run_shell(settings: Settings, tools: list[str], model: str | None = None) -> None:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.completion import WordCompleter
+    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    import signal
+
+    # Ctrl-C must stop a reply even when the shell was started with SIGINT ignored (as background
+    # jobs of non-interactive shells are), since Python then installs no KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    keys = KeyBindings()
+
+    @keys.add("escape", "enter")
+    def _newline(event: Any) -> None:
+        event.current_buffer.insert_text("\n")
+
+    session: PromptSession = PromptSession(
+        history=FileHistory(str(settings.home / "history")),
+        completer=WordCompleter(list(COMMANDS), sentence=True),
+        key_bindings=keys,
+    )
+    shell = Shell(settings, tools, model)
+    shell.ask = lambda text: session.prompt(text)
+    out.print("[bold]llmos[/bold] — ask anything; /help for commands, Ctrl-D to leave.")
+    try:
+        while True:
+            try:
+                line = session.prompt("llmos> ", multiline=False)
+            except KeyboardInterrupt:
+                continue
+            except EOFError:
+                break
+            if not line.strip():
+                continue
+            if line.strip().startswith("/"):
+                if not shell.command(line):
+                    break
+                continue
+            shell.ask_model(line)
+    finally:
+        shell.close()

@@ -1,0 +1,77 @@
+"""The shell driven for real in a pseudo-terminal (pexpect): ask, stream, slash commands, Ctrl-C, Ctrl-D."""
+
+import os
+import sys
+
+import pexpect
+import pytest
+
+PROMPT = "llmos>"
+
+
+def spawn(home, max_tokens):
+    env = {**os.environ, "LLMOS_HOME": str(home), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(sys.executable, ["-m", "llmos.cli", "repl", "-o", f"model.max_tokens={max_tokens}"], env=env,
+                          encoding="utf-8", timeout=120)
+    child.expect_exact(PROMPT)
+    return child
+
+
+@pytest.fixture
+def shell(llmos_home):
+    child = spawn(llmos_home, 48)
+    yield child
+    if child.isalive():
+        child.terminate(force=True)
+
+
+@pytest.fixture
+def long_shell(llmos_home):
+    child = spawn(llmos_home, 4000)
+    yield child
+    if child.isalive():
+        child.terminate(force=True)
+
+
+def test_ask_and_see_a_streamed_answer_then_commands(shell, llmos_home):
+    shell.sendline("Say hello.")
+    shell.expect("done: ")
+    shell.expect_exact(PROMPT)
+    answer = shell.before
+    shell.sendline("/trace")
+    shell.expect(r"traces/\S+\.jsonl")
+    shell.expect_exact(PROMPT)
+    shell.sendline("/memory")
+    shell.expect(r"context window: \d+ / \d+ tokens")
+    shell.expect_exact(PROMPT)
+    save = llmos_home / "session.jsonl"
+    shell.sendline(f"/save {save}")
+    shell.expect("saved 2 messages")
+    shell.expect_exact(PROMPT)
+    shell.sendline("/reset")
+    shell.expect("conversation cleared")
+    shell.expect_exact(PROMPT)
+    shell.sendline(f"/load {save}")
+    shell.expect("loaded 2 messages")
+    shell.expect_exact(PROMPT)
+    shell.sendline("/nonsense")
+    shell.expect("unknown command")
+    shell.expect_exact(PROMPT)
+    shell.sendeof()
+    shell.expect(pexpect.EOF)
+
+
+def test_ctrl_c_stops_generation_but_not_the_shell(long_shell):
+    shell = long_shell
+    shell.sendline("Write a very long story about the sea.")
+    shell.expect_exact("about the sea.")  # the echo while typing
+    shell.expect_exact("about the sea.")  # the final render when Enter is taken
+    shell.expect(r"\n[^\n]*\w+ \w+ \w+ \w+")  # then the answer's tokens, streaming
+    shell.sendintr()
+    shell.expect("stopped")
+    shell.expect_exact(PROMPT)
+    shell.sendline("/help")
+    shell.expect("/exit")
+    shell.expect_exact(PROMPT)
+    shell.sendline("/exit")
+    shell.expect(pexpect.EOF)
