@@ -32,3 +32,55 @@ def test_readme_scripted_backend_block_runs(tmp_path):
     code = tool_part + "\n" + blocks[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={"LLMOS_HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr
+
+
+import functools
+import http.server
+import json
+import os
+import threading
+
+import pytest
+
+TASKS = ["calculator.yaml", "plot.yaml", "python.yaml", "browser.yaml"]
+
+
+@pytest.fixture(scope="module")
+def site():
+    """examples/site served on 127.0.0.1 (the browser example's page)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(ROOT / "examples" / "site"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def agent(args, home, timeout=600):
+    env = {**os.environ, "LLMOS_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "llmos.cli", "agent", "--json", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_every_example_is_exercised():
+    files = {p.name for p in (ROOT / "examples").iterdir() if p.is_file()}
+    assert files == set(TASKS) | {"quickstart.py"}
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_task_example_passes_its_checks(name, site, tmp_path):
+    args = [str(ROOT / "examples" / name), "-o", f"artifacts={tmp_path / 'out'}"]
+    if name == "browser.yaml":
+        args += ["--var", f"url={site}"]
+    proc = agent(args, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["passed"] and result["status"] == "finished"
+    assert (tmp_path / "out" / "result.json").exists() and (tmp_path / "out" / "trace.jsonl").exists()
+
+
+def test_several_task_files_run_as_separate_agents(tmp_path):
+    proc = agent([str(ROOT / "examples" / "calculator.yaml"), str(ROOT / "examples" / "plot.yaml")], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(l) for l in proc.stdout.splitlines()]
+    assert [r["name"] for r in results] == ["calculator", "plot"]
+    assert len({r["artifacts"] for r in results}) == 2 and all(r["passed"] for r in results)
