@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 
 import pexpect
 import pytest
@@ -70,6 +71,7 @@ def test_ctrl_c_stops_generation_but_not_the_shell(long_shell):
     shell.sendintr()
     shell.expect("stopped")
     shell.expect_exact(PROMPT)
+    time.sleep(1)  # let the new prompt take the terminal before typing (input typed earlier may be flushed)
     shell.sendline("/help")
     shell.expect("/exit")
     shell.expect_exact(PROMPT)
