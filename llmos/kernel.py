@@ -179,6 +179,10 @@ class Kernel:
         return reply
 
     def close(self) -> None:
+        """Release the model and the tools' sessions (sandboxes, browsers)."""
+        for t in self.tools:
+            if t.close is not None:
+                t.close()
         close = getattr(self.backend, "close", None)
         if close:
             close()

@@ -194,10 +194,11 @@ class Shell:
 
     def close(self) -> None:
         if self.kernel is not None:
-            self.kernel.close()
-        for t in self.tools:
-            if t.close is not None:
-                t.close()
+            self.kernel.close()  # closes the tools too
+        else:
+            for t in self.tools:
+                if t.close is not None:
+                    t.close()
 
 
 def run_shell(settings: Settings, tools: list[str], model: str | None = None) -> None:

@@ -336,3 +336,21 @@ def test_unsandboxed_opt_in_runs_the_same_server_and_says_so(tmp_path, listening
     finally:
         python.fn.__self__.close()
     assert descendants() == []
+
+
+def test_figures_made_inside_the_sandbox_land_in_the_workspace(tmp_path):
+    """matplotlib from llmos's own install is importable read-only; a saved figure is a real PNG."""
+    from llmos.tools import ToolContext
+    from llmos.tools.python import make, shared_packages, INTERPRETER
+
+    if shared_packages(INTERPRETER) is None:
+        pytest.skip("the sandbox's Python differs from the one running llmos; its compiled packages cannot be shared")
+    ctx = ToolContext.under(tmp_path)
+    tool = make(ctx)
+    try:
+        out = tool(code="import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.savefig('fig.png')\n'saved'")
+    finally:
+        tool.close()
+    assert "saved" in out and "fig.png" in out
+    png = ctx.workspace / "fig.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -19,19 +19,27 @@ def spawn(home, max_tokens):
 
 
 @pytest.fixture
-def shell(llmos_home):
-    child = spawn(llmos_home, 48)
-    yield child
-    if child.isalive():
-        child.terminate(force=True)
+def start_shell(llmos_home):
+    children = []
+
+    def start(max_tokens):
+        children.append(spawn(llmos_home, max_tokens))
+        return children[-1]
+
+    yield start
+    for child in children:
+        if child.isalive():
+            child.terminate(force=True)
 
 
 @pytest.fixture
-def long_shell(llmos_home):
-    child = spawn(llmos_home, 4000)
-    yield child
-    if child.isalive():
-        child.terminate(force=True)
+def shell(start_shell):
+    return start_shell(48)
+
+
+@pytest.fixture
+def long_shell(start_shell):
+    return start_shell(4000)
 
 
 def test_ask_and_see_a_streamed_answer_then_commands(shell, llmos_home):

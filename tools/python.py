@@ -16,6 +16,7 @@ the whole sandbox killed (bwrap's pid namespace dies with its init) and the next
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
 import json
 import os
@@ -23,6 +24,8 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
+import sysconfig
 import threading
 import time
 import weakref
@@ -39,7 +42,22 @@ if TYPE_CHECKING:
     from llmos.tools import ToolContext
 
 BWRAP = shutil.which("bwrap") or "/usr/bin/bwrap"
-INTERPRETER = "/usr/bin/python3"  # Debian's, stdlib only: the project venv lives under /root, which stays hidden
+INTERPRETER = "/usr/bin/python3"  # Debian's: the project venv lives under /root, which stays hidden
+SANDBOX_PACKAGES = "/opt/llmos-packages"  # where llmos's own site-packages appear, read-only
+
+
+@functools.lru_cache(maxsize=None)
+def shared_packages(interpreter: str) -> Path | None:
+    """The site-packages of the Python running llmos (numpy, matplotlib, sympy), if the sandbox's
+    interpreter has the same major.minor version and so can import its compiled modules."""
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    try:
+        out = subprocess.run([interpreter, "-E", "-s", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    same = out.stdout.strip() == "%d.%d" % sys.version_info[:2]
+    return purelib if same and purelib.is_dir() else None
 SANDBOX_WORKSPACE = "/workspace"
 SANDBOX_UID = 1000  # uid seen inside; maps to the caller's own uid outside, so workspace files stay the caller's
 MAX_CODE = 200_000  # characters per cell
@@ -77,6 +95,7 @@ import ast, builtins, io, json, linecache, os, resource, signal, sys, time, trac
 
 def main():
     cfg = json.loads(sys.argv[1])
+    sys.path.extend(cfg.get("path", []))  # read-only packages (numpy, matplotlib) of the llmos install
     cap = cfg["output_bytes"]
     me = os.getpid()
     if cfg.get("pdeathsig"):  # unsandboxed: no bwrap to kill us when the parent dies
@@ -506,7 +525,9 @@ class PythonSession:
 
     def _command(self, config: dict[str, Any]) -> tuple[list[str], dict[str, str], str]:
         server = [self.options.interpreter or INTERPRETER, "-E", "-s", "-B", "-c", _SERVER, json.dumps(config)]
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8",
+               "MPLBACKEND": "Agg", "MPLCONFIGDIR": "/tmp"}
+        packages = shared_packages(self.options.interpreter or INTERPRETER)
         if not self.sandboxed:
             return server, {**env, "HOME": str(self.workspace)}, str(self.workspace)
         args = [self._bwrap, "--unshare-all", "--unshare-user", "--disable-userns",
@@ -519,6 +540,10 @@ class PythonSession:
                 args += ["--symlink", os.readlink(host), f"/{name}"]
             elif host.is_dir():
                 args += ["--ro-bind", str(host), f"/{name}"]
+        if packages is not None:
+            args += ["--ro-bind", str(packages), SANDBOX_PACKAGES]
+            config["path"] = [SANDBOX_PACKAGES]
+            server[-1] = json.dumps(config)
         args += ["--proc", "/proc", "--dev", "/dev",
                  "--size", str(self.options.tmp_mb << 20), "--tmpfs", "/tmp",
                  "--bind", str(self.workspace), SANDBOX_WORKSPACE, "--remount-ro", "/",
@@ -723,8 +748,8 @@ class PythonSession:
 
 def describe(options: PythonOptions, sandboxed: bool = True) -> str:
     """The paragraph the model reads about the tool."""
-    where = ("a sandbox with no network, a read-only system, the standard library and no pip"
-             if sandboxed else "an UNSANDBOXED process on the host")
+    where = ("a sandbox with no network, a read-only system and no pip; numpy and matplotlib import when "
+             "llmos's own packages match the sandbox's Python" if sandboxed else "an UNSANDBOXED process on the host")
     return (
         f"Run Python 3 code in a persistent session ({where}): variables, imports and functions survive between "
         "calls, and the value of the last expression is shown as in a REPL, with stdout, stderr, errors and the "
