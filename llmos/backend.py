@@ -93,6 +93,18 @@ def _drop_last_call(text: str) -> str:
     return text[: text.rindex(CALL_OPEN)].rstrip("\n")
 
 
+def _without_tool_role(dicts: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Tool results as user turns, merging neighbours of the same role (for strict templates)."""
+    out: list[dict[str, str]] = []
+    for d in dicts:
+        role = "user" if d["role"] == "tool" else d["role"]
+        if out and out[-1]["role"] == role and role != "system":
+            out[-1] = {"role": role, "content": out[-1]["content"] + "\n\n" + d["content"]}
+        else:
+            out.append({"role": role, "content": d["content"]})
+    return out
+
+
 class _Grammar:
     """A llama.cpp grammar sampler used as a checker: test one token, mask all only on rejection."""
 
@@ -149,8 +161,9 @@ class LlamaBackend:
         self.options = options = options or ModelOptions()
         path = Path(options.path).expanduser() if options.path else default_model_path()
         self.info = info or read_gguf(path)  # header checked before llama.cpp sees the file
-        if self.info.chat_template is None:
-            raise ModelFileError(f"{path}: the GGUF has no chat template (tokenizer.chat_template); use an instruct/chat model")
+        template = options.chat_template or self.info.chat_template
+        if template is None:
+            raise ModelFileError(f"{path}: the GGUF has no chat template (tokenizer.chat_template); use an instruct/chat model or set model.chat_template")
         trained = self.info.context_length or 2048
         self.n_ctx = options.n_ctx or min(trained, 8192)
         self.gpu_layers, self.plan = resolve_gpu_layers(options.gpu_layers, self.info, self.n_ctx)
@@ -176,12 +189,13 @@ class LlamaBackend:
         meta = self.llm.metadata
         tokens = lambda key: self._piece(int(meta[key]), special=True).decode("utf-8", "replace") if key in meta else ""  # noqa: E731
         self.format = Jinja2ChatFormatter(
-            template=self.info.chat_template, eos_token=tokens("tokenizer.ggml.eos_token_id"),
+            template=template, eos_token=tokens("tokenizer.ggml.eos_token_id"),
             bos_token=tokens("tokenizer.ggml.bos_token_id"),
         )
         self.bos_text = tokens("tokenizer.ggml.bos_token_id")
         self.sampler = self._make_sampler()
         self.last: dict[str, Any] = {}
+        self._tool_role = True  # cleared when the chat template rejects tool messages
         self._context: tuple[str, list[int]] = ("", [])
 
     # -- helpers --------------------------------------------------------------------------
@@ -207,7 +221,20 @@ class LlamaBackend:
         return piece
 
     def render(self, messages: Sequence[Message], tools: Sequence[Tool]) -> str:
-        return self.format(messages=_message_dicts(messages, tools)).prompt
+        """The prompt text from the GGUF's chat template. Templates that know no `tool` role (or
+        insist on alternating user/assistant turns) get tool results as user turns instead."""
+        import jinja2
+
+        dicts = _message_dicts(messages, tools)
+        if not self._tool_role:
+            dicts = _without_tool_role(dicts)
+        try:
+            return self.format(messages=dicts).prompt
+        except (jinja2.TemplateError, ValueError) as exc:
+            if not self._tool_role:
+                raise ModelFileError(f"{self.path}: the model's chat template failed ({exc})") from None
+            self._tool_role = False
+            return self.render(messages, tools)
 
     def tokenize(self, text: str) -> list[int]:
         add_bos = bool(self.lc.llama_vocab_get_add_bos(self.vocab)) and not (self.bos_text and text.startswith(self.bos_text))

@@ -31,6 +31,7 @@ class ModelOptions(pydantic.BaseModel):
     top_k: int = pydantic.Field(40, ge=1)
     seed: int = 0
     max_tokens: int = pydantic.Field(512, ge=1)  # per model turn
+    chat_template: str | None = None  # a Jinja chat template to use instead of the GGUF's own
 
 
 class ToolSettings(pydantic.BaseModel):

@@ -96,3 +96,31 @@ def test_bad_model_files_raise_before_llama_cpp(tmp_path):
         Kernel(bad, trace=tmp_path)
     with pytest.raises(ModelFileError, match="no such file"):
         Kernel(tmp_path / "missing.gguf", trace=tmp_path)
+
+
+def test_template_without_tool_role_gets_tool_results_as_user_turns():
+    from llmos.backend import _message_dicts, _without_tool_role
+    from llmos.messages import ToolCall
+
+    msgs = [Message("user", "hi"), Message("assistant", "", tool_calls=(ToolCall("calc", {"x": 1}),)),
+            Message("tool", "1", meta={"name": "calc"}), Message("tool", "2", meta={"name": "calc"})]
+    dicts = _without_tool_role(_message_dicts(msgs, []))
+    assert [d["role"] for d in dicts] == ["system", "user", "assistant", "user"]
+    assert "<tool_response" in dicts[-1]["content"] and dicts[-1]["content"].count("tool_response name") == 2
+
+
+def test_strict_template_falls_back():
+    from llmos.backend import LlamaBackend
+    from llmos.config import ModelOptions
+
+    strict = ("{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+              "{{ raise_exception('unknown role') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    backend = LlamaBackend(ModelOptions(gpu_layers=0, chat_template=strict, max_tokens=8))
+    try:
+        text = backend.render([Message("user", "hi"), Message("tool", "42", meta={"name": "calc"})], [])
+        assert "<|im_start|>tool" not in text and "42" in text
+        reply = list(backend.turn([Message("user", "hi"), Message("tool", "42", meta={"name": "calc"})], []))[-1]
+        assert reply.role == "assistant"
+    finally:
+        backend.close()
