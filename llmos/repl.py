@@ -22,6 +22,7 @@ COMMANDS = {
     "/memory": "context window usage",
     "/ps": "agents in this shell",
     "/trace": "where this session's JSONL trace is",
+    "/expand": "show the last tool calls and results in full",
     "/save": "/save FILE: write the conversation as JSON lines",
     "/load": "/load FILE: replace the conversation with a saved one",
     "/reset": "forget the conversation",
@@ -138,6 +139,8 @@ class Shell:
         elif name == "/ps":
             state = "ready" if self.kernel is not None else "loading"
             out.print(f"1 agent: shell ({state}), {len(self.kernel.messages) if self.kernel else 0} messages")
+        elif name == "/expand":
+            self._expand()
         elif name == "/save":
             self._save(arg)
         elif name == "/load":
@@ -145,6 +148,26 @@ class Shell:
         else:
             out.print(f"[red]unknown command {name}[/red]; /help lists them")
         return True
+
+    def _expand(self) -> None:
+        """The last turn's tool calls and results, unabridged (the live view shows one line each)."""
+        if self.kernel is None:
+            return
+        recent: list[Message] = []
+        for m in reversed(self.kernel.messages):
+            if m.role == "user":
+                break
+            if m.role == "tool" or m.tool_calls:
+                recent.insert(0, m)
+        if not recent:
+            out.print("no tool calls since the last question")
+        for m in recent:
+            if m.tool_calls:
+                for c in m.tool_calls:
+                    out.print(f"[cyan]→ {c.name}[/cyan] {json.dumps(dict(c.arguments), indent=2)}", markup=True)
+            else:
+                out.print(f"[green]← {m.meta.get('name', 'tool')}[/green]", markup=True)
+                out.print(m.content, markup=False)
 
     def _model(self, arg: str) -> None:
         if not self.ready():

@@ -63,6 +63,9 @@ def test_ask_and_see_a_streamed_answer_then_commands(shell, llmos_home):
     shell.sendline(f"/load {save}")
     shell.expect("loaded 2 messages")
     shell.expect_exact(PROMPT)
+    shell.sendline("/expand")
+    shell.expect("no tool calls")
+    shell.expect_exact(PROMPT)
     shell.sendline("/nonsense")
     shell.expect("unknown command")
     shell.expect_exact(PROMPT)
@@ -85,3 +88,23 @@ def test_ctrl_c_stops_generation_but_not_the_shell(long_shell):
     shell.expect_exact(PROMPT)
     shell.sendline("/exit")
     shell.expect(pexpect.EOF)
+
+
+def test_risky_calls_ask_for_approval_with_always(llmos_home):
+    from llmos.config import load_settings
+    from llmos.messages import ToolCall
+    from llmos.repl import Shell
+
+    shell = Shell(load_settings(home=llmos_home), ["calculator"])
+    asked = []
+    answers = iter(["n", "a"])
+    shell.ask = lambda text: asked.append(text) or next(answers)
+    try:
+        assert shell.approve(ToolCall("calculator", {"expression": "1+1"}))  # not risky: no question
+        assert not shell.approve(ToolCall("python", {"code": "1"}))
+        assert shell.approve(ToolCall("python", {"code": "2"}))  # "always"
+        assert shell.approve(ToolCall("python", {"code": "3"}))  # no question any more
+        assert len(asked) == 2 and "python" in asked[0]
+    finally:
+        shell.ready()
+        shell.close()
