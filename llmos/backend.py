@@ -55,8 +55,13 @@ def _message_dicts(messages: Sequence[Message], tools: Sequence[Tool]) -> list[d
     system = DEFAULT_SYSTEM
     if msgs and msgs[0].role == "system":
         system, msgs = msgs[0].content, msgs[1:]
+    regions = []  # further leading system messages (memory regions) go after the tools block, so the
+    while msgs and msgs[0].role == "system":  # stable part (prompt + tools) stays a cached prefix
+        regions.append(msgs[0].content)
+        msgs = msgs[1:]
     if tools:
         system = f"{system}\n\n{tools_prompt((t.name, t.description, t.parameters) for t in tools)}"
+    system = "\n\n".join([system, *regions])
     out.append({"role": "system", "content": system})
     for m in msgs:
         if m.role == "kernel" or m.is_delta:
@@ -249,6 +254,10 @@ class LlamaBackend:
             rest = text[len(cached_text):]
             return cached_tokens + self.llm.tokenize(rest.encode("utf-8"), add_bos=False, special=True)
         return self.tokenize(text)
+
+    def count(self, messages: Sequence[Message], tools: Sequence[Tool]) -> int:
+        """Tokens the rendered prompt takes (the window's budget is counted with this)."""
+        return len(self._tokens_for(self.render(messages, tools)))
 
     def grammar_for(self, tools: Sequence[Tool], tool_choice: str) -> str | None:
         if not tools or tool_choice == "none":

@@ -228,6 +228,41 @@ def repl(
 
 
 @app.command()
+def ingest(
+    paths: List[Path] = typer.Argument(..., help="Files or folders: text, Markdown, HTML, PDF."),
+    collection: str = typer.Option("default", "--collection", "-c", help="Collection to store the chunks in."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Memory store folder (default: <home>/memory)."),
+) -> None:
+    """Load documents into long-term memory: chunked, deduplicated, searchable by meaning and by exact words."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from llmos.memory.ingest import ingest as run_ingest
+    from llmos.memory.store import MemoryStore, StoreError
+
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise fail(f"{missing[0]}: no such file or folder")
+    try:
+        memory = MemoryStore(store)
+    except StoreError as exc:
+        raise fail(str(exc)) from None
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), transient=True) as bar:
+            task = bar.add_task("ingesting", total=None)
+
+            def progress(done: int, total: int, path: Path) -> None:
+                bar.update(task, completed=done, total=total, description=f"ingesting {path.name[:40]}")
+
+            report = run_ingest(memory, paths, collection=collection, progress=progress)
+    finally:
+        memory.close()
+    typer.echo(f"{report.files} files read, {report.chunks} chunks added, {report.duplicates} duplicates skipped, "
+               f"{len(report.skipped)} files skipped; store: {memory.path} (collection {collection!r})")
+    for path, why in report.skipped.items():
+        typer.echo(f"  skipped {path}: {why}", err=True)
+
+
+@app.command()
 def models(
     plan: Optional[Path] = typer.Option(None, "--plan", help="Print the GPU offload plan for this .gguf model."),
     n_ctx: int = typer.Option(0, "--ctx", help="Context length to plan the KV cache for (0: model default, capped at 8192)."),

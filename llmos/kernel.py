@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from llmos.backend import Backend, ContextFull
 from llmos.config import ModelOptions, home_dir
 from llmos.messages import Message, ToolCall
+from llmos.memory.window import Window, memory_tools
 from llmos.toolbox import Tool, Toolbox, as_tool
 
 
@@ -56,6 +57,7 @@ class Kernel:
         trace: str | Path | None = None,
         max_seconds: float | None = None,
         approve: Callable[[ToolCall], bool] | None = None,
+        memory: Any = None,
     ) -> None:
         if model is None or isinstance(model, (str, Path)):
             from llmos.backend import LlamaBackend
@@ -69,7 +71,11 @@ class Kernel:
         self.backend: Backend = model
         self.tools = Toolbox(tools)
         self.max_steps = max_steps
-        self.messages: list[Message] = [Message("system", system)] if system else []
+        # memory: a store ("disk") to page the window out to; it also gives the model memory tools
+        self.window = Window(system=system, store=memory)
+        if memory is not None:
+            for t in memory_tools(self.window, memory):
+                self.tools.add(t)
         self.max_seconds = max_seconds
         self.approve = approve  # asked before each call; a refusal reaches the model as a tool message
         # trace: a .jsonl file, or a folder that gets one file per kernel (default <home>/traces)
@@ -82,30 +88,56 @@ class Kernel:
         """Register a tool; usable as a decorator (`@kernel.tool`)."""
         return self.tools.add(fn)
 
+    @property
+    def messages(self) -> list[Message]:
+        """The conversation in the window (the system prompt and memory regions excluded)."""
+        return self.window.messages
+
+    @messages.setter
+    def messages(self, messages: list[Message]) -> None:
+        self.window.messages = list(messages)
+
     def reset(self) -> None:
-        """Forget the conversation (the system prompt stays)."""
-        self.messages = [m for m in self.messages[:1] if m.role == "system"]
+        """Forget the conversation (the system prompt and core memory stay)."""
+        self.window.reset()
 
     def _add(self, message: Message) -> Message:
         if not message.is_delta:
-            if message.role != "kernel":
-                self.messages.append(message)
+            self.window.add(message)
             self.trace.write(message)
         return message
 
+    def _summarize(self, previous: str, messages: Sequence[Message]) -> str:
+        """The model folds paged-out messages into the running summary. The request extends the
+        current window, so it reuses the cached prefix instead of evicting it."""
+        text = "\n".join(f"{m.role}: {(m.content or ', '.join(c.name for c in m.tool_calls))[:300]}" for m in messages)
+        ask = Message("user", f"Update the summary of our conversation.\nSummary so far: {previous or '(none)'}\n"
+                              f"Messages to add:\n{text[-2000:]}\nReply with the new summary only, in a few short sentences.")
+        reply = None
+        try:
+            for reply in self.backend.turn(self.window.view() + [ask], list(self.tools), "none"):
+                pass
+        except ContextFull:
+            return ""  # the window falls back to its deterministic summary
+        return reply.content if reply is not None else ""
+
     def _turn(self, tool_choice: str, stream: bool) -> Iterator[Message]:
-        """One model turn; on a full context the oldest exchanges are dropped (memory pages them later)."""
+        """One model turn, after fitting the window into the context (paging out if needed)."""
+        count = getattr(self.backend, "count", None)
+        if count is not None:
+            fit = self.window.fit(lambda msgs: count(msgs, list(self.tools)), self.backend.n_ctx, self._summarize)
+            for notice in fit:
+                yield self._add(notice)
         while True:
             try:
-                for msg in self.backend.turn(self.messages, list(self.tools), tool_choice):
+                for msg in self.backend.turn(self.window.view(), list(self.tools), tool_choice):
                     if not msg.is_delta or stream:
                         yield msg
                 return
             except ContextFull as exc:
-                first = 1 if self.messages and self.messages[0].role == "system" else 0
-                if len(self.messages) - first <= 1:
+                if len(self.messages) <= 1:
                     raise
-                dropped = self.messages.pop(first)
+                dropped = self.messages.pop(0)  # one message larger than the budget allows: drop, say so
                 yield self._add(Message("kernel", f"context full ({exc}); dropped the oldest {dropped.role} message", meta={"event": "evict"}))
 
     def run(self, prompt: str, *, stream: bool = False, tool_choice: str = "auto") -> Iterator[Message]:
@@ -126,7 +158,7 @@ class Kernel:
                 choice = "none"  # the last step must answer, so every run ends on an answer
             reply = None
             for msg in self._turn(choice, stream):
-                if msg.is_delta:
+                if msg.is_delta or msg.role == "kernel":  # tokens, and memory notices (already recorded)
                     yield msg
                 else:
                     reply = msg

@@ -144,7 +144,10 @@ def test_conversation_continues_across_runs_and_reset(tmp_path):
     run(kernel, "b")
     assert [m.content for m in backend.seen[1].messages] == ["be brief", "a", "one", "b"]
     kernel.reset()
-    assert [m.role for m in kernel.messages] == ["system"]
+    assert kernel.messages == []
+    backend.replies.append("three")
+    run(kernel, "c")
+    assert [m.content for m in backend.seen[2].messages] == ["be brief", "c"]  # the system prompt stays
 
 
 def test_complete_takes_openai_dicts_and_executes_nothing(tmp_path):

@@ -1,0 +1,34 @@
+"""The model's handle on long-term memory: `memory_search` and `memory_insert` over one MemoryStore."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+from pydantic import Field
+
+from llmos.toolbox import Tool, make_tool
+
+if TYPE_CHECKING:
+    from llmos.memory.store import MemoryStore
+
+
+def make(store: "MemoryStore", collection: str = "default", k: int = 5) -> list[Tool]:
+    """The two memory tools bound to `store`; search results are marked untrusted (outside content)."""
+
+    def memory_search(query: Annotated[str, Field(description="words, a question, or an exact ID to look for")]) -> str:
+        """Search long-term memory (stored documents, facts and past messages); returns passages with their source."""
+        hits = store.search(query, k=k, collection=collection)
+        if not hits:
+            return "no matching memories"
+        return "\n\n".join(f"[{i}] source: {h.source or h.kind} (part {h.position})\n{h.text}" for i, h in enumerate(hits, 1))
+
+    def memory_insert(fact: Annotated[str, Field(description="one self-contained fact to remember")]) -> str:
+        """Save a fact to long-term memory so it can be found later with memory_search."""
+        added, _ = store.add([fact], collection=collection, source="memory_insert", kind="fact")
+        return "saved" if added else "already remembered"
+
+    touches = f"the memory store at {store.path}"
+    return [
+        make_tool(memory_search, untrusted=True, touches=touches),
+        make_tool(memory_insert, touches=touches),
+    ]

@@ -1,0 +1,165 @@
+"""The context window ("RAM"): a token budget over system, core memory, summary and recent messages.
+
+Regions, in the order the model sees them (stable first, so the KV-cache prefix survives):
+    system prompt (+ the tools block the backend adds) | core memory | summary of paged-out
+    messages | recent messages (a user turn may carry retrieved pages, marked untrusted)
+When the rendered window reaches `warn` of the context a memory-pressure notice is emitted; at
+`limit` the oldest messages are paged out to the store (still searchable) and folded into a
+recursive summary written by the model, with a deterministic fallback when that is unusable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Callable, Iterator, Literal, Protocol, Sequence
+
+from pydantic import Field
+
+from llmos.messages import Message
+from llmos.toolbox import make_tool
+
+MAX_CORE_LINES = 32
+MAX_SUMMARY_CHARS = 1200
+
+
+class Store(Protocol):
+    """What the window needs from the disk: keep texts, find them again."""
+
+    def add(self, texts: Sequence[str], *, source: str = "", kind: str = "document",
+            metas: Sequence[dict[str, Any]] | None = None) -> Any: ...
+
+    def search(self, query: str, k: int = 5) -> Sequence[Any]: ...
+
+
+@dataclass
+class Budget:
+    """Fractions of the model's context window (tokens, counted with the model's tokenizer)."""
+
+    warn: float = 0.70  # emit a memory-pressure notice from here
+    limit: float = 0.90  # page out from here...
+    target: float = 0.50  # ...until the window is back under this
+    keep_recent: int = 4  # messages never paged out (the current exchange)
+
+
+def fallback_summary(previous: str, messages: Sequence[Message]) -> str:
+    """A summary that needs no model: the old summary plus one short line per paged-out message."""
+    lines = [previous] if previous else []
+    for m in messages:
+        text = " ".join((m.content or ", ".join(c.name for c in m.tool_calls)).split())
+        if text:
+            lines.append(f"- {m.role}: {text[:160]}")
+    summary = "\n".join(lines)
+    return summary[-MAX_SUMMARY_CHARS:]  # keep the newest part when it grows too long
+
+
+def usable_summary(text: str, previous: str) -> bool:
+    """A model-written summary is used only when it is non-trivial and not a runaway."""
+    text = text.strip()
+    return 20 <= len(text) <= MAX_SUMMARY_CHARS and not text.startswith("<tool_call>") and text != previous.strip()
+
+
+@dataclass
+class Window:
+    """The conversation the model sees, kept within a token budget by paging to a store."""
+
+    system: str | None = None
+    store: Store | None = None
+    budget: Budget = field(default_factory=Budget)
+    core: list[str] = field(default_factory=list)
+    summary: str = ""
+    messages: list[Message] = field(default_factory=list)
+    paged_out: int = 0
+    _warned: bool = False
+
+    def view(self) -> list[Message]:
+        """The messages to render: the system prompt, the memory regions, then the recent messages."""
+        regions = []
+        if self.core:
+            regions.append("Core memory (facts you keep; edit with core_memory):\n" + "\n".join(f"- {c}" for c in self.core))
+        if self.summary:
+            regions.append("Summary of earlier conversation (details: memory_search):\n" + self.summary)
+        head = [Message("system", self.system or "You are a helpful assistant.")]
+        if regions:  # a second system message: the backend places it after the tools block
+            head.append(Message("system", "\n\n".join(regions)))
+        return head + [m for m in self.messages if m.role != "kernel"]
+
+    def add(self, message: Message) -> None:
+        if message.role not in ("kernel", "system") and not message.is_delta:
+            self.messages.append(message)
+
+    def reset(self) -> None:
+        self.messages.clear()
+        self.summary = ""
+        self._warned = False
+
+    def fit(
+        self,
+        count: Callable[[list[Message]], int],
+        n_ctx: int,
+        summarize: Callable[[str, Sequence[Message]], str] | None = None,
+    ) -> Iterator[Message]:
+        """Before a model turn: warn under pressure, page out at the limit. Yields kernel notices."""
+        used = count(self.view())
+        if used < self.budget.warn * n_ctx:
+            self._warned = False
+            return
+        if not self._warned:
+            self._warned = True
+            yield Message("kernel", f"memory pressure: window at {used / n_ctx:.0%} of {n_ctx} tokens",
+                          meta={"event": "memory_pressure", "tokens": used, "n_ctx": n_ctx})
+        if used < self.budget.limit * n_ctx:
+            return
+        out: list[Message] = []
+        while used >= self.budget.target * n_ctx and len(self.messages) > self.budget.keep_recent:
+            cut = 1
+            # never leave a tool result without the call that asked for it
+            while cut < len(self.messages) - self.budget.keep_recent and self.messages[cut].role == "tool":
+                cut += 1
+            out += self.messages[:cut]
+            del self.messages[:cut]
+            used = count(self.view())
+        if not out:
+            return
+        if self.store is not None:
+            texts = [f"{m.role}: {m.content or ', '.join(c.name for c in m.tool_calls)}" for m in out]
+            self.store.add(texts, source="conversation", kind="message", metas=[{"role": m.role} for m in out])
+        new = summarize(self.summary, out) if summarize is not None else ""
+        self.summary = new.strip() if usable_summary(new, self.summary) else fallback_summary(self.summary, out)
+        self.paged_out += len(out)
+        self._warned = False
+        yield Message("kernel", f"paged out {len(out)} messages; window now {count(self.view())} tokens",
+                      meta={"event": "page_out", "messages": len(out), "summary": self.summary})
+
+    def edit_core(self, action: str, text: str, old: str = "") -> str:
+        """Append a fact, or replace/delete one (matched by its text); returns what changed."""
+        text = " ".join(text.split())
+        if action == "append":
+            if len(self.core) >= MAX_CORE_LINES:
+                raise ValueError(f"core memory is full ({MAX_CORE_LINES} facts); replace or delete one")
+            self.core.append(text)
+            return f"core memory: added {text!r}"
+        matches = [i for i, c in enumerate(self.core) if old and old.lower() in c.lower()]
+        if not matches:
+            raise ValueError(f"no core memory fact contains {old!r}; facts: {self.core}")
+        if action == "replace":
+            self.core[matches[0]] = text
+            return f"core memory: replaced with {text!r}"
+        if action == "delete":
+            removed = self.core.pop(matches[0])
+            return f"core memory: deleted {removed!r}"
+        raise ValueError("action must be append, replace or delete")
+
+
+def memory_tools(window: Window, store: Store) -> list[Any]:
+    """core_memory (edit the always-visible facts) plus memory_search / memory_insert over the store."""
+    from llmos.memory.tools import make as store_tools
+
+    def core_memory(
+        action: Annotated[Literal["append", "replace", "delete"], Field(description="what to do")],
+        text: Annotated[str, Field(description="the fact to add, or the new wording")] = "",
+        old: Annotated[str, Field(description="for replace/delete: words of the fact to change")] = "",
+    ) -> str:
+        """Edit core memory: short facts (about the user, the task) that stay visible in every turn."""
+        return window.edit_core(action, text, old)
+
+    return [make_tool(core_memory, touches="the core-memory region of this agent's context window")] + store_tools(store)
