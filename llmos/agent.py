@@ -38,12 +38,25 @@ def backend_for(task: Task, cache: dict[str, Any]) -> Any:
     return cache[key]
 
 
+def store_for(task: Task, task_path: Path, cache: dict[str, Any]) -> Any:
+    """The task's memory store (one per folder per process: a store has a single writer)."""
+    if not task.memory.enabled:
+        return None
+    from llmos.memory.store import MemoryStore, default_path
+
+    folder = (task_path.parent / Path(task.memory.store).expanduser()).resolve() if task.memory.store else default_path()
+    if str(folder) not in cache:
+        cache[str(folder)] = MemoryStore(folder)
+    return cache[str(folder)]
+
+
 def run_task(
     task: Task,
     task_path: Path,
     runs_dir: Path,
     backend: Any,
     on_message: Callable[[Message], None] = lambda m: None,
+    store: Any = None,
 ) -> dict[str, Any]:
     """Run one task to its end (or interruption) and return the result that result.json holds."""
     from llmos.kernel import Kernel
@@ -57,10 +70,19 @@ def run_task(
         allow_domains=tuple(task.tools.allow_domains), unsandboxed_python=task.tools.python_unsandboxed,
     )
     tools = [load_builtin(name, ctx) for name in dict.fromkeys(task.tools.enabled)]
+    ingested = None
+    if store is not None and task.memory.documents:
+        from llmos.memory.ingest import ingest
+
+        report = ingest(store, [task_path.parent / d for d in task.memory.documents], collection=task.memory.collection)
+        ingested = {"files": report.files, "chunks": report.chunks, "duplicates": report.duplicates, "skipped": report.skipped}
+        on_message(Message("kernel", f"ingested {report.files} files: {report.chunks} new chunks, {report.duplicates} already stored",
+                           meta={"event": "ingest", **ingested}))
     kernel = Kernel(backend, tools, system=task.system, max_steps=task.budget.max_steps,
-                    trace=folder / "trace.jsonl", max_seconds=task.budget.max_seconds)
+                    trace=folder / "trace.jsonl", max_seconds=task.budget.max_seconds,
+                    memory=store, recall=task.memory.recall, collection=task.memory.collection)
     result: dict[str, Any] = {"task": str(task_path), "name": task.name or task_path.stem, "artifacts": str(folder),
-                              "trace": str(kernel.trace.path), "status": "running"}
+                              "trace": str(kernel.trace.path), "status": "running", "ingested": ingested}
     answer, exit_reason, steps, called = "", None, 0, set()
     tokens = {"prompt": 0, "evaluated": 0, "generated": 0}
     t0 = time.perf_counter()

@@ -68,7 +68,10 @@ def _errors():
     from llmos.grammar import GrammarError
     from llmos.toolbox import ToolError
 
-    return (ConfigError, ModelFileError, GrammarError, ToolError)
+    errors: tuple = (ConfigError, ModelFileError, GrammarError, ToolError)
+    if "llmos.memory.store" in sys.modules:  # only when a store was opened (keeps chromadb out of start-up)
+        errors += (sys.modules["llmos.memory.store"].StoreError,)
+    return errors
 
 
 @app.command()
@@ -172,7 +175,7 @@ def agent(
     """Run task files unattended. Exit 0: all checks passed; 1: a check failed; 2: invalid input; 130: interrupted."""
     import signal
 
-    from llmos.agent import EXIT_INTERRUPTED, backend_for, exit_code, run_task
+    from llmos.agent import EXIT_INTERRUPTED, backend_for, exit_code, run_task, store_for
     from llmos.config import load_settings
     from llmos.render import MessagePrinter, err
 
@@ -187,16 +190,18 @@ def agent(
 
     signal.signal(signal.SIGTERM, terminate)
     backends: dict = {}
+    stores: dict = {}
     codes = []
     for path, task in tasks:
         try:
             backend = backend_for(task, backends)
+            store = store_for(task, path, stores)
         except _errors() as exc:
             raise fail(str(exc)) from None
         if not as_json:
             err.print(f"[bold]▶ {task.name or path.stem}[/bold] [dim]({path})[/dim]")
         printer = MessagePrinter()
-        result = run_task(task, path, settings.runs_dir, backend, on_message=(lambda m: None) if as_json else printer)
+        result = run_task(task, path, settings.runs_dir, backend, on_message=(lambda m: None) if as_json else printer, store=store)
         codes.append(exit_code(result))
         if as_json:
             typer.echo(json.dumps(result, default=str))
@@ -208,6 +213,8 @@ def agent(
             err.print(f"  {status}: {result['steps']} step(s), {result['timings']['total_s']} s; result: {Path(result['artifacts']) / 'result.json'}")
         if codes[-1] == EXIT_INTERRUPTED:
             break
+    for memory in stores.values():
+        memory.close()
     raise typer.Exit(max(codes) if codes else 0)
 
 

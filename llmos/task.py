@@ -22,6 +22,9 @@ _HOST_RE = re.compile(r"^(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*
 _IPV4_RE = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$")
 
 
+MEMORY_TOOLS = ("core_memory", "memory_search", "memory_insert")  # given to the model when memory is enabled
+
+
 class TaskError(ValueError):
     """A task file that cannot run; `problems` holds one readable line per problem."""
 
@@ -69,11 +72,16 @@ class ToolsSection(_Strict):
                 raise ValueError(f"{entry!r} is not a domain (use a host such as 'example.org', '*.example.org' or '127.0.0.1', without scheme or path)")
         return entries
 
-    @pydantic.model_validator(mode="after")
-    def _choice(self) -> "ToolsSection":
-        if self.tool_choice not in ("auto", "required", "none") and self.tool_choice not in self.enabled:
-            raise ValueError(f"tool_choice {self.tool_choice!r} must be auto, required, none or an enabled tool")
-        return self
+
+
+class MemorySection(_Strict):
+    """Long-term memory: a store to page the window out to, documents to ingest first, recall."""
+
+    enabled: bool = False
+    store: Optional[str] = None  # folder; default <home>/memory; relative paths are relative to the task file
+    collection: str = pydantic.Field("default", min_length=1, max_length=63)
+    documents: list[str] = []  # files or folders ingested before the run (relative to the task file)
+    recall: int = pydantic.Field(0, ge=0, le=20)  # pages retrieved for each user turn (0: only via memory_search)
 
 
 class Budget(_Strict):
@@ -115,9 +123,17 @@ class Task(_Strict):
     vars: dict[str, Union[str, int, float, bool]] = {}
     model: ModelOptions = ModelOptions()
     tools: ToolsSection = ToolsSection()
+    memory: MemorySection = MemorySection()
     budget: Budget = Budget()
     artifacts: Optional[str] = None  # folder for trace, result.json and tool files; relative to the task file
     checks: list[Check] = []
+
+    @pydantic.model_validator(mode="after")
+    def _choice(self) -> "Task":
+        allowed = list(self.tools.enabled) + (list(MEMORY_TOOLS) if self.memory.enabled else [])
+        if self.tools.tool_choice not in ("auto", "required", "none", *allowed):
+            raise ValueError(f"tools.tool_choice {self.tools.tool_choice!r} must be auto, required, none or one of: {', '.join(allowed) or 'no tools enabled'}")
+        return self
 
     def prompt(self) -> str:
         """The goal with {variables} filled; unknown variables are an error naming them."""
@@ -220,6 +236,11 @@ def load_task(path: str | Path, overrides: list[str] | None = None, variables: d
         except ModelFileError as exc:
             line = _line(root, ("model", "path"))
             problems.append((line, f"{source}:{line}: model.path: {exc}"))
+    memory = data.get("memory") if isinstance(data.get("memory"), dict) else {}
+    for i, doc in enumerate(memory.get("documents") or []):
+        if isinstance(doc, str) and not (path.parent / Path(doc).expanduser()).exists():
+            line = _line(root, ("memory", "documents", i))
+            problems.append((line, f"{source}:{line}: memory.documents.{i}: {doc!r} does not exist (paths are relative to the task file)"))
     task = None
     try:
         task = Task.model_validate(data)

@@ -26,9 +26,9 @@ class Store(Protocol):
     """What the window needs from the disk: keep texts, find them again."""
 
     def add(self, texts: Sequence[str], *, source: str = "", kind: str = "document",
-            metas: Sequence[dict[str, Any]] | None = None) -> Any: ...
+            metas: Sequence[dict[str, Any]] | None = None, collection: str = "default") -> Any: ...
 
-    def search(self, query: str, k: int = 5) -> Sequence[Any]: ...
+    def search(self, query: str, k: int = 5, collection: str = "default") -> Sequence[Any]: ...
 
 
 @dataclass
@@ -64,6 +64,7 @@ class Window:
 
     system: str | None = None
     store: Store | None = None
+    collection: str = "default"
     budget: Budget = field(default_factory=Budget)
     core: list[str] = field(default_factory=list)
     summary: str = ""
@@ -122,7 +123,8 @@ class Window:
             return
         if self.store is not None:
             texts = [f"{m.role}: {m.content or ', '.join(c.name for c in m.tool_calls)}" for m in out]
-            self.store.add(texts, source="conversation", kind="message", metas=[{"role": m.role} for m in out])
+            self.store.add(texts, source="conversation", kind="message", metas=[{"role": m.role} for m in out],
+                           collection=self.collection)
         new = summarize(self.summary, out) if summarize is not None else ""
         self.summary = new.strip() if usable_summary(new, self.summary) else fallback_summary(self.summary, out)
         self.paged_out += len(out)
@@ -150,7 +152,7 @@ class Window:
         raise ValueError("action must be append, replace or delete")
 
 
-def memory_tools(window: Window, store: Store) -> list[Any]:
+def memory_tools(window: Window, store: Store, collection: str = "default") -> list[Any]:
     """core_memory (edit the always-visible facts) plus memory_search / memory_insert over the store."""
     from llmos.memory.tools import make as store_tools
 
@@ -162,4 +164,4 @@ def memory_tools(window: Window, store: Store) -> list[Any]:
         """Edit core memory: short facts (about the user, the task) that stay visible in every turn."""
         return window.edit_core(action, text, old)
 
-    return [make_tool(core_memory, touches="the core-memory region of this agent's context window")] + store_tools(store)
+    return [make_tool(core_memory, touches="the core-memory region of this agent's context window")] + store_tools(store, collection=collection)

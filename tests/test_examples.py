@@ -42,7 +42,7 @@ import threading
 
 import pytest
 
-TASKS = ["calculator.yaml", "plot.yaml", "python.yaml", "browser.yaml"]
+TASKS = ["calculator.yaml", "plot.yaml", "python.yaml", "browser.yaml", "rag.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +71,15 @@ def test_task_example_passes_its_checks(name, site, tmp_path):
     args = [str(ROOT / "examples" / name), "-o", f"artifacts={tmp_path / 'out'}"]
     if name == "browser.yaml":
         args += ["--var", f"url={site}"]
+    if name == "rag.yaml":
+        args += ["-o", f"memory.store={tmp_path / 'memory'}"]  # not inside the repository
     proc = agent(args, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout)
     assert result["passed"] and result["status"] == "finished"
     assert (tmp_path / "out" / "result.json").exists() and (tmp_path / "out" / "trace.jsonl").exists()
+    if name == "rag.yaml":
+        assert result["ingested"]["files"] == 2 and result["ingested"]["chunks"] >= 2
 
 
 def test_several_task_files_run_as_separate_agents(tmp_path):

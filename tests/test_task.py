@@ -138,3 +138,14 @@ def test_interrupted_run_leaves_clean_trace_and_result(tmp_path, llmos_home):
     assert result["status"] == "interrupted" and not result["passed"]
     for line in (tmp_path / "out" / "trace.jsonl").read_text().splitlines():
         json.loads(line)  # every line is a whole message
+
+
+def test_memory_section_validation(tmp_path):
+    lines = problems(tmp_path, "goal: hi\nmemory:\n  enabled: true\n  documents: [nowhere/]\n  recall: 99\n")
+    assert ":4: memory.documents.0: 'nowhere/' does not exist" in lines[0]
+    assert ":5: memory.recall:" in lines[1]
+    (line,) = problems(tmp_path, "goal: hi\ntools: {enabled: [], tool_choice: memory_search}\n")
+    assert "tool_choice 'memory_search'" in line
+    (tmp_path / "docs").mkdir()
+    task = load_task(write(tmp_path, "goal: hi\ntools: {enabled: [], tool_choice: memory_search}\nmemory: {enabled: true, documents: [docs]}\n"))
+    assert task.memory.enabled and task.memory.documents == ["docs"]

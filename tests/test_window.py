@@ -79,3 +79,16 @@ def test_core_memory_errors_are_readable():
         assert "no core memory fact contains 'missing'" in str(exc)
     else:
         raise AssertionError("expected an error")
+
+
+def test_recall_attaches_retrieved_pages_to_the_user_turn(tmp_path):
+    store = ListStore()
+    store.add(["The lamp error code E-4521 means the lamp failed."], source="manual.md")
+    backend = ScriptedBackend(["ok", "ok"])
+    kernel = Kernel(backend, tools=[], trace=tmp_path, memory=store, recall=3)
+    chat(kernel, "what does E-4521 mean")
+    sent = backend.seen[0].messages[-1]
+    assert sent.role == "user" and "<retrieved_pages>" in sent.content and "manual.md" in sent.content
+    assert sent.meta["untrusted"] is True and sent.meta["retrieved"] == 1
+    chat(kernel, "zzz unrelated")
+    assert "<retrieved_pages>" not in backend.seen[1].messages[-1].content
