@@ -53,6 +53,7 @@ class Settings(pydantic.BaseModel):
     max_steps: int = pydantic.Field(8, ge=1)
     model_paths: list[str] = []  # extra .gguf files or folders for `llmos models`
     tools: ToolSettings = ToolSettings()
+    memory: bool = True  # the shell pages to and recalls from <home>/memory
 
     @property
     def trace_dir(self) -> Path:

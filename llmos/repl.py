@@ -19,7 +19,7 @@ COMMANDS = {
     "/help": "this list",
     "/tools": "the enabled tools",
     "/model": "show the model; /model PATH switches to another GGUF",
-    "/memory": "context window usage",
+    "/memory": "context window usage; /memory QUERY searches long-term memory",
     "/ps": "agents in this shell",
     "/trace": "where this session's JSONL trace is",
     "/expand": "show the last tool calls and results in full",
@@ -46,6 +46,7 @@ class Shell:
         self.tools = [load_builtin(name, self.ctx) for name in dict.fromkeys(tools)]
         self.always: set[str] = set()
         self.kernel: Any = None
+        self.store: Any = None
         self._error: BaseException | None = None
         self._model_path = model
         self._loader = threading.Thread(target=self._load, daemon=True)
@@ -59,10 +60,25 @@ class Shell:
             options = self.settings.model
             if self._model_path:
                 options = options.model_copy(update={"path": self._model_path})
+            self.store = self._open_store()
             self.kernel = Kernel(tools=self.tools, max_steps=self.settings.max_steps, options=options,
-                                 trace=self.settings.trace_dir, approve=self.approve)
+                                 trace=self.settings.trace_dir, approve=self.approve,
+                                 memory=self.store, recall=3 if self.store is not None else 0)
         except BaseException as exc:  # noqa: BLE001 - reported at the next prompt, the shell stays up
             self._error = exc
+
+    def _open_store(self) -> Any:
+        """Long-term memory for the shell (paging, recall, memory tools); the shell runs without it
+        when the store is busy (another shell holds it) or cannot be opened, and says why."""
+        if not self.settings.memory:
+            return None
+        from llmos.memory.store import MemoryStore, StoreError
+
+        try:
+            return MemoryStore(self.settings.home / "memory")
+        except StoreError as exc:
+            err.print(f"[yellow]memory off: {exc}[/yellow]")
+            return None
 
     def ready(self) -> bool:
         if self.kernel is None and self._loader.is_alive():
@@ -131,11 +147,7 @@ class Shell:
         elif name == "/model":
             self._model(arg)
         elif name == "/memory":
-            if self.ready():
-                backend = self.kernel.backend
-                used = backend.last.get("prompt_tokens", 0) + backend.last.get("generated_tokens", 0)
-                out.print(f"context window: {used} / {backend.n_ctx} tokens ({100 * used / backend.n_ctx:.1f}%), "
-                          f"{len(self.kernel.messages)} messages; no long-term store configured")
+            self._memory(arg)
         elif name == "/ps":
             state = "ready" if self.kernel is not None else "loading"
             out.print(f"1 agent: shell ({state}), {len(self.kernel.messages) if self.kernel else 0} messages")
@@ -148,6 +160,22 @@ class Shell:
         else:
             out.print(f"[red]unknown command {name}[/red]; /help lists them")
         return True
+
+    def _memory(self, query: str) -> None:
+        if not self.ready():
+            return
+        backend, window = self.kernel.backend, self.kernel.window
+        if query:
+            if self.store is None:
+                out.print("no long-term memory in this shell")
+                return
+            for hit in self.store.search(query, k=5):
+                out.print(f"[bold]{hit.source or hit.kind}[/bold] (part {hit.position}): {' '.join(hit.text.split())[:300]}")
+            return
+        used = backend.count(window.view(), list(self.kernel.tools))
+        where = f"long-term store {self.store.path} ({self.store.count()} chunks)" if self.store is not None else "no long-term store"
+        out.print(f"context window: {used} / {backend.n_ctx} tokens ({100 * used / backend.n_ctx:.1f}%), "
+                  f"{len(window.messages)} messages, {window.paged_out} paged out, {len(window.core)} core facts; {where}")
 
     def _expand(self) -> None:
         """The last turn's tool calls and results, unabridged (the live view shows one line each)."""
@@ -222,6 +250,8 @@ class Shell:
             for t in self.tools:
                 if t.close is not None:
                     t.close()
+        if self.store is not None:
+            self.store.close()
 
 
 def run_shell(settings: Settings, tools: list[str], model: str | None = None) -> None:
