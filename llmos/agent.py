@@ -68,6 +68,7 @@ def run_task(
     ctx = ToolContext(
         artifacts=folder, workspace=folder / "workspace",
         allow_domains=tuple(task.tools.allow_domains), unsandboxed_python=task.tools.python_unsandboxed,
+        file_roots=tuple((task_path.parent / Path(r).expanduser()).resolve() for r in task.tools.file_roots),
     )
     tools = [load_builtin(name, ctx) for name in dict.fromkeys(task.tools.enabled)]
     ingested = None

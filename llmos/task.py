@@ -51,6 +51,7 @@ class ToolsSection(_Strict):
     tool_choice: str = "auto"  # first turn: auto | required | none | a tool name
     allow_domains: list[str] = ["127.0.0.1", "localhost"]  # browser allow-list
     python_unsandboxed: bool = False  # explicit opt-out of the bubblewrap sandbox
+    file_roots: list[str] = []  # folders the python tool may read (read-only, at /files/<name>); relative to the task file
 
     @pydantic.field_validator("enabled")
     @classmethod
@@ -236,6 +237,11 @@ def load_task(path: str | Path, overrides: list[str] | None = None, variables: d
         except ModelFileError as exc:
             line = _line(root, ("model", "path"))
             problems.append((line, f"{source}:{line}: model.path: {exc}"))
+    tools_data = data.get("tools") if isinstance(data.get("tools"), dict) else {}
+    for i, folder in enumerate(tools_data.get("file_roots") or []):
+        if isinstance(folder, str) and not (path.parent / Path(folder).expanduser()).is_dir():
+            line = _line(root, ("tools", "file_roots", i))
+            problems.append((line, f"{source}:{line}: tools.file_roots.{i}: {folder!r} is not a folder (paths are relative to the task file)"))
     memory = data.get("memory") if isinstance(data.get("memory"), dict) else {}
     for i, doc in enumerate(memory.get("documents") or []):
         if isinstance(doc, str) and not (path.parent / Path(doc).expanduser()).exists():

@@ -354,3 +354,22 @@ def test_figures_made_inside_the_sandbox_land_in_the_workspace(tmp_path):
     assert "saved" in out and "fig.png" in out
     png = ctx.workspace / "fig.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_bwrap
+def test_file_roots_are_readable_but_not_writable(tmp_path):
+    from llmos.tools import ToolContext
+    from llmos.tools.python import make
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("secret plan")
+    ctx = ToolContext(artifacts=tmp_path / "a", workspace=tmp_path / "ws", file_roots=(data,))
+    tool = make(ctx)
+    try:
+        assert "secret plan" in tool(code="open('/files/data/notes.txt').read()")
+        out = tool(code="open('/files/data/new.txt', 'w').write('x')")
+        assert "Read-only file system" in out or "Permission denied" in out
+    finally:
+        tool.close()
+    assert not (data / "new.txt").exists()

@@ -149,3 +149,10 @@ def test_memory_section_validation(tmp_path):
     (tmp_path / "docs").mkdir()
     task = load_task(write(tmp_path, "goal: hi\ntools: {enabled: [], tool_choice: memory_search}\nmemory: {enabled: true, documents: [docs]}\n"))
     assert task.memory.enabled and task.memory.documents == ["docs"]
+
+
+def test_file_roots_must_be_folders(tmp_path):
+    (line,) = problems(tmp_path, "goal: hi\ntools:\n  enabled: [python]\n  file_roots: [nope]\n")
+    assert ":4: tools.file_roots.0: 'nope' is not a folder" in line
+    (tmp_path / "data").mkdir()
+    assert load_task(write(tmp_path, "goal: hi\ntools: {enabled: [python], file_roots: [data]}\n")).tools.file_roots == ["data"]

@@ -29,6 +29,7 @@ class ToolContext:
     workspace: Path  # the python sandbox's one writable folder
     allow_domains: tuple[str, ...] = ("127.0.0.1", "localhost")  # browser allow-list (hosts; "*.example.org" allowed)
     unsandboxed_python: bool = False  # run python without bubblewrap: only when the user asks explicitly
+    file_roots: tuple[Path, ...] = ()  # host folders the python sandbox may read (at /files/<name>)
     options: dict[str, Any] = field(default_factory=dict)  # per-tool extras, e.g. {"python": {"timeout": 30}}
 
     @classmethod

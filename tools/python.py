@@ -500,8 +500,10 @@ class CellResult:
 class PythonSession:
     """One agent's persistent interpreter: started on first use, restarted after a kill, closed by `close()`."""
 
-    def __init__(self, workspace: Path, options: PythonOptions | None = None, *, sandboxed: bool = True) -> None:
+    def __init__(self, workspace: Path, options: PythonOptions | None = None, *, sandboxed: bool = True,
+                 file_roots: tuple[Path, ...] = ()) -> None:
         self.workspace = Path(workspace)
+        self.file_roots = tuple(Path(r) for r in file_roots)  # host folders readable at /files/<name>
         self.options = options or PythonOptions()
         self.sandboxed = sandboxed
         self.process_limit: str | None = None  # how the process cap is enforced: "rlimit", "cgroup" or None
@@ -546,7 +548,10 @@ class PythonSession:
             server[-1] = json.dumps(config)
         args += ["--proc", "/proc", "--dev", "/dev",
                  "--size", str(self.options.tmp_mb << 20), "--tmpfs", "/tmp",
-                 "--bind", str(self.workspace), SANDBOX_WORKSPACE, "--remount-ro", "/",
+                 "--bind", str(self.workspace), SANDBOX_WORKSPACE]
+        for root in self.file_roots:  # read-only, after the workspace bind so they cannot be shadowed by it
+            args += ["--ro-bind", str(root), f"/files/{root.name}"]
+        args += ["--remount-ro", "/",
                  "--chdir", SANDBOX_WORKSPACE, "--clearenv"]
         for key, value in {**env, "HOME": SANDBOX_WORKSPACE, "TMPDIR": "/tmp"}.items():
             args += ["--setenv", key, value]
@@ -764,7 +769,7 @@ def make(ctx: ToolContext) -> Tool:
     """The `python` tool for one agent: a session over `ctx.workspace` that starts on its first call."""
     options = PythonOptions.model_validate(ctx.options.get("python", {}))
     sandboxed = not ctx.unsandboxed_python
-    session = PythonSession(ctx.workspace, options, sandboxed=sandboxed)
+    session = PythonSession(ctx.workspace, options, sandboxed=sandboxed, file_roots=tuple(ctx.file_roots))
     touches = SANDBOXED_TOUCHES if sandboxed else (
         f"UNSANDBOXED (explicit opt-in): runs as your user with rlimits only, in {ctx.workspace}; "
         "it can read and write your files and reach the network"
