@@ -35,10 +35,12 @@ class Backend(Protocol):
 
     `turn` yields streamed pieces as `Message(role="assistant", meta={"delta": True})` and ends
     with the complete assistant Message (text, or tool calls with parsed arguments).
-    tool_choice: "auto" | "required" | "none" | a tool name.
+    tool_choice: "auto" | "required" | "none" | a tool name. agent: whose conversation this is
+    (several agents may share one backend; each keeps its own cached context).
     """
 
-    def turn(self, messages: Sequence[Message], tools: Sequence[Tool], tool_choice: str = "auto") -> Iterator[Message]: ...
+    def turn(self, messages: Sequence[Message], tools: Sequence[Tool], tool_choice: str = "auto",
+             agent: str = "main") -> Iterator[Message]: ...
 
 
 def available_cores() -> int:
@@ -201,6 +203,9 @@ class LlamaBackend:
         self.sampler = self._make_sampler()
         self.last: dict[str, Any] = {}
         self._tool_role = True  # cleared when the chat template rejects tool messages
+        self._owner: str | None = None  # the agent whose conversation is in the KV cache
+        self._saved: dict[str, tuple] = {}  # other agents' KV states, restored when they decode next
+        self.switches = 0
         self._context: tuple[str, list[int]] = ("", [])
 
     # -- helpers --------------------------------------------------------------------------
@@ -281,6 +286,43 @@ class LlamaBackend:
         llm.eval(tokens[cached:])
         return cached, len(tokens) - cached
 
+    # -- agents sharing the model -------------------------------------------------------------
+    def _switch_to(self, agent: str) -> None:
+        """Save the KV cache of the agent that used the model last and restore `agent`'s (in memory).
+        llama.cpp's per-sequence state calls copy only the used cells (~24 MB at 1k tokens here)."""
+        if agent == self._owner:
+            return
+        if self._owner is not None and self.llm.n_tokens > 0:
+            self._saved[self._owner] = self._save_state()
+        state = self._saved.pop(agent, None)
+        self._owner = agent
+        self.switches += 1
+        if state is None or not self._load_state(state):
+            self.llm.n_tokens = 0  # a new agent (or a failed restore): its prompt is evaluated from scratch
+            self._context = ("", [])
+
+    def _save_state(self) -> tuple:
+        ctx = self.llm._ctx.ctx
+        size = self.lc.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = self.lc.llama_state_seq_get_data(ctx, buf, size, 0)
+        n = self.llm.n_tokens
+        return buf, written, n, self.llm.input_ids[:n].copy(), self._context
+
+    def _load_state(self, state: tuple) -> bool:
+        buf, size, n, ids, context = state
+        self.llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        if not size or not self.lc.llama_state_seq_set_data(self.llm._ctx.ctx, buf, size, 0):
+            return False
+        self.llm.input_ids[:n] = ids
+        self.llm.n_tokens = n
+        self._context = context
+        return True
+
+    def forget(self, agent: str) -> None:
+        """Drop a finished agent's saved KV state."""
+        self._saved.pop(agent, None)
+
     def _sample(self, grammar: _Grammar | None, closing: bool) -> tuple[int, bool]:
         """Sample the next token; check only it against the grammar, mask the vocabulary if rejected.
 
@@ -318,15 +360,21 @@ class LlamaBackend:
         return self._closer_bias
 
     # -- one turn -------------------------------------------------------------------------
-    def turn(self, messages: Sequence[Message], tools: Sequence[Tool], tool_choice: str = "auto") -> Iterator[Message]:
-        """Decode one assistant turn under the turn grammar, yielding deltas then the message."""
+    def turn(self, messages: Sequence[Message], tools: Sequence[Tool], tool_choice: str = "auto",
+             agent: str = "main") -> Iterator[Message]:
+        """Decode one assistant turn under the turn grammar, yielding deltas then the message.
+
+        `agent` names whose conversation this is: when it differs from the last turn's, that
+        agent's KV cache is saved and this one's restored, so neither re-reads its context.
+        """
         grammar_text = self.grammar_for(tools, tool_choice)
         prompt_text = self.render(messages, tools)
-        prompt = self._tokens_for(prompt_text)
-        max_new = min(self.options.max_tokens, self.n_ctx - len(prompt))
-        if max_new <= 0:
-            raise ContextFull(f"prompt is {len(prompt)} tokens; the context window holds {self.n_ctx}")
         with self._lock:
+            self._switch_to(agent)
+            prompt = self._tokens_for(prompt_text)
+            max_new = min(self.options.max_tokens, self.n_ctx - len(prompt))
+            if max_new <= 0:
+                raise ContextFull(f"prompt is {len(prompt)} tokens; the context window holds {self.n_ctx}")
             grammar = _Grammar(self.lc, self.vocab, grammar_text, self.n_vocab) if grammar_text else None
             try:
                 t0 = time.perf_counter()

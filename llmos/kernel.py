@@ -60,6 +60,7 @@ class Kernel:
         memory: Any = None,
         recall: int = 0,
         collection: str = "default",
+        name: str | None = None,
     ) -> None:
         if model is None or isinstance(model, (str, Path)):
             from llmos.backend import LlamaBackend
@@ -86,6 +87,7 @@ class Kernel:
         if path.suffix != ".jsonl":
             path = path / (time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6] + ".jsonl")
         self.trace = Trace(path)
+        self.name = name or path.stem  # the agent's id: backends keep one cached context per name
 
     def tool(self, fn: Any) -> Tool:
         """Register a tool; usable as a decorator (`@kernel.tool`)."""
@@ -131,7 +133,7 @@ class Kernel:
                               f"Messages to add:\n{text[-2000:]}\nReply with the new summary only, in a few short sentences.")
         reply = None
         try:
-            for reply in self.backend.turn(self.window.view() + [ask], list(self.tools), "none"):
+            for reply in self.backend.turn(self.window.view() + [ask], list(self.tools), "none", agent=self.name):
                 pass
         except ContextFull:
             return ""  # the window falls back to its deterministic summary
@@ -146,7 +148,7 @@ class Kernel:
                 yield self._add(notice)
         while True:
             try:
-                for msg in self.backend.turn(self.window.view(), list(self.tools), tool_choice):
+                for msg in self.backend.turn(self.window.view(), list(self.tools), tool_choice, agent=self.name):
                     if not msg.is_delta or stream:
                         yield msg
                 return
@@ -220,7 +222,7 @@ class Kernel:
         """The model's next message for OpenAI-style messages and tools; nothing is executed."""
         msgs = [m if isinstance(m, Message) else Message.from_dict(m) for m in messages]
         reply = None
-        for msg in self.backend.turn(msgs, [as_tool(t) for t in tools], tool_choice):
+        for msg in self.backend.turn(msgs, [as_tool(t) for t in tools], tool_choice, agent=self.name):
             if not msg.is_delta:
                 reply = msg
         assert reply is not None

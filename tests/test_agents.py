@@ -1,0 +1,69 @@
+"""Several agents on one model: each keeps its own KV cache across switches (real default model)."""
+
+import threading
+
+from llmos import Kernel
+from llmos.backend import LlamaBackend
+from llmos.config import ModelOptions
+from llmos.tools import load_builtin
+
+PROMPTS_A = ["Name three colours.", "Now name three animals.", "And three fruits."]
+PROMPTS_B = ["What is the capital of France?", "Tell me one fact about it."]
+
+
+def answers(kernel, prompts):
+    out = []
+    for p in prompts:
+        out.append([m.content for m in kernel.run(p) if m.role == "assistant"][-1])
+    return out
+
+
+def new_backend():
+    return LlamaBackend(ModelOptions(gpu_layers=0, max_tokens=40, n_ctx=2048))
+
+
+def test_output_is_identical_alone_and_interleaved(tmp_path):
+    alone = new_backend()
+    try:
+        expected_a = answers(Kernel(alone, trace=tmp_path, name="a"), PROMPTS_A)
+    finally:
+        alone.close()
+    shared = new_backend()
+    try:
+        a = Kernel(shared, trace=tmp_path, name="a")
+        b = Kernel(shared, trace=tmp_path, name="b")
+        got_a = []
+        for i, p in enumerate(PROMPTS_A):
+            got_a += answers(a, [p])
+            if i < len(PROMPTS_B):
+                answers(b, [PROMPTS_B[i]])  # b takes the model between a's turns
+        assert got_a == expected_a
+        assert shared.switches >= 4
+        # after a switch back, a's earlier context was restored, not re-read
+        stats = [m.meta["stats"] for m in a.messages if m.role == "assistant"]
+        assert stats[-1]["cached_tokens"] > stats[0]["prompt_tokens"]
+    finally:
+        shared.close()
+
+
+def test_agents_in_threads_share_the_model_and_tools_run_meanwhile(tmp_path):
+    shared = new_backend()
+    try:
+        kernels = [Kernel(shared, tools=[load_builtin("calculator")], trace=tmp_path, name=f"agent{i}") for i in range(3)]
+        results = {}
+
+        def work(k, expr):
+            msgs = list(k.run(f"What is {expr}?", tool_choice="calculator"))
+            results[k.name] = msgs
+
+        threads = [threading.Thread(target=work, args=(k, e)) for k, e in zip(kernels, ["2**10", "3**5", "7*6"])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert set(results) == {"agent0", "agent1", "agent2"}
+        for msgs in results.values():
+            assert msgs[-1].meta["exit"] in ("answer", "max_steps")
+            assert any(m.role == "tool" for m in msgs)
+    finally:
+        shared.close()
