@@ -57,6 +57,8 @@ def run_task(
     backend: Any,
     on_message: Callable[[Message], None] = lambda m: None,
     store: Any = None,
+    name: str | None = None,
+    stop: Any = None,
 ) -> dict[str, Any]:
     """Run one task to its end (or interruption) and return the result that result.json holds."""
     from llmos.kernel import Kernel
@@ -81,7 +83,8 @@ def run_task(
                            meta={"event": "ingest", **ingested}))
     kernel = Kernel(backend, tools, system=task.system, max_steps=task.budget.max_steps,
                     trace=folder / "trace.jsonl", max_seconds=task.budget.max_seconds,
-                    memory=store, recall=task.memory.recall, collection=task.memory.collection)
+                    memory=store, recall=task.memory.recall, collection=task.memory.collection,
+                    name=name or task.name or task_path.stem, stop=stop)
     result: dict[str, Any] = {"task": str(task_path), "name": task.name or task_path.stem, "artifacts": str(folder),
                               "trace": str(kernel.trace.path), "status": "running", "ingested": ingested}
     answer, exit_reason, steps, called = "", None, 0, set()
@@ -112,6 +115,9 @@ def run_task(
         for t in tools:
             if t.close is not None:
                 t.close()
+        forget = getattr(backend, "forget", None)
+        if forget is not None:
+            forget(kernel.name)  # free this agent's saved KV state
         checks = run_checks(task, answer, called, folder) if result["status"] == "finished" else []
         result.update({
             "answer": answer, "exit": exit_reason, "steps": steps, "tools_called": sorted(called),
@@ -127,3 +133,28 @@ def exit_code(result: dict[str, Any]) -> int:
     if result["status"] == "interrupted":
         return EXIT_INTERRUPTED
     return EXIT_PASSED if result["passed"] else EXIT_FAILED
+
+
+def run_concurrently(jobs: list[dict[str, Any]], on_message: Callable[[str, Message], None]) -> list[dict[str, Any]]:
+    """Run several tasks as agents on threads: turns share each model (one at a time, each agent's
+    KV cache kept), tool calls run meanwhile. Ctrl-C stops them all; results come back in order."""
+    import threading
+
+    stop = threading.Event()
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+
+    def work(i: int, job: dict[str, Any]) -> None:
+        results[i] = run_task(**job, on_message=lambda m: on_message(job["name"], m), stop=stop)
+
+    threads = [threading.Thread(target=work, args=(i, job), name=job["name"], daemon=True) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+    except KeyboardInterrupt:
+        stop.set()
+        for t in threads:
+            t.join()
+    return [r for r in results if r is not None]

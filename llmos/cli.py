@@ -165,6 +165,21 @@ def validate(
         typer.echo(f"ok: {path} ({len(task.checks)} checks, tools: {', '.join(task.tools.enabled) or 'none'})")
 
 
+def _agent_line(name: str, message) -> None:
+    """One line per complete message of one of several concurrent agents."""
+    from llmos.render import out
+
+    if message.is_delta:
+        return
+    if message.role == "assistant" and message.tool_calls:
+        text = ", ".join(f"{c.name}({json.dumps(dict(c.arguments))[:120]})" for c in message.tool_calls)
+        out.print(f"[bold]{name}[/bold] → {text}", markup=True, highlight=False)
+    elif message.role in ("assistant", "tool"):
+        out.print(f"[bold]{name}[/bold] {'←' if message.role == 'tool' else '»'} {' '.join(message.content.split())[:300]}", markup=True)
+    elif message.role == "kernel" and not message.meta.get("exit"):
+        out.print(f"[bold]{name}[/bold] kernel: {message.content}", markup=True)
+
+
 @app.command()
 def agent(
     task_files: List[Path] = typer.Argument(..., help="Task files (YAML); several run as separate agents."),
@@ -175,7 +190,7 @@ def agent(
     """Run task files unattended. Exit 0: all checks passed; 1: a check failed; 2: invalid input; 130: interrupted."""
     import signal
 
-    from llmos.agent import EXIT_INTERRUPTED, backend_for, exit_code, run_task, store_for
+    from llmos.agent import backend_for, exit_code, run_concurrently, run_task, store_for
     from llmos.config import load_settings
     from llmos.render import MessagePrinter, err
 
@@ -191,28 +206,34 @@ def agent(
     signal.signal(signal.SIGTERM, terminate)
     backends: dict = {}
     stores: dict = {}
-    codes = []
-    for path, task in tasks:
+    jobs = []
+    for i, (path, task) in enumerate(tasks):
         try:
             backend = backend_for(task, backends)
             store = store_for(task, path, stores)
         except _errors() as exc:
             raise fail(str(exc)) from None
+        name = task.name or path.stem
+        name = name if name not in {j["name"] for j in jobs} else f"{name}-{i + 1}"
+        jobs.append({"task": task, "task_path": path, "runs_dir": settings.runs_dir, "backend": backend, "store": store, "name": name})
+    if len(jobs) == 1:  # one agent: stream its tokens
+        job = jobs[0]
         if not as_json:
-            err.print(f"[bold]▶ {task.name or path.stem}[/bold] [dim]({path})[/dim]")
-        printer = MessagePrinter()
-        result = run_task(task, path, settings.runs_dir, backend, on_message=(lambda m: None) if as_json else printer, store=store)
-        codes.append(exit_code(result))
+            err.print(f"[bold]▶ {job['name']}[/bold] [dim]({job['task_path']})[/dim]")
+        results = [run_task(**job, on_message=(lambda m: None) if as_json else MessagePrinter())]
+    else:  # several agents at once: one line per complete message, prefixed with the agent
+        results = run_concurrently(jobs, on_message=(lambda name, m: None) if as_json else _agent_line)
+    codes = [exit_code(r) for r in results]
+    for result in results:
         if as_json:
             typer.echo(json.dumps(result, default=str))
-        else:
-            for c in result["checks"]:
-                mark = "[green]✓[/green]" if c["passed"] else "[red]✗[/red]"
-                err.print(f"  {mark} {json.dumps(c['check'])}" + (f" — {c['why']}" if c["why"] else ""))
-            status = "passed" if result["passed"] else result["status"] if result["status"] != "finished" else "checks failed"
-            err.print(f"  {status}: {result['steps']} step(s), {result['timings']['total_s']} s; result: {Path(result['artifacts']) / 'result.json'}")
-        if codes[-1] == EXIT_INTERRUPTED:
-            break
+            continue
+        err.print(f"[bold]{result['name']}[/bold]")
+        for c in result["checks"]:
+            mark = "[green]✓[/green]" if c["passed"] else "[red]✗[/red]"
+            err.print(f"  {mark} {json.dumps(c['check'])}" + (f" — {c['why']}" if c["why"] else ""))
+        status = "passed" if result["passed"] else result["status"] if result["status"] != "finished" else "checks failed"
+        err.print(f"  {status}: {result['steps']} step(s), {result['timings']['total_s']} s; result: {Path(result['artifacts']) / 'result.json'}")
     for memory in stores.values():
         memory.close()
     raise typer.Exit(max(codes) if codes else 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -61,6 +62,7 @@ class Kernel:
         recall: int = 0,
         collection: str = "default",
         name: str | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         if model is None or isinstance(model, (str, Path)):
             from llmos.backend import LlamaBackend
@@ -88,6 +90,7 @@ class Kernel:
             path = path / (time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6] + ".jsonl")
         self.trace = Trace(path)
         self.name = name or path.stem  # the agent's id: backends keep one cached context per name
+        self.stop = stop or threading.Event()  # set from another thread: the run ends as if by Ctrl-C
 
     def tool(self, fn: Any) -> Tool:
         """Register a tool; usable as a decorator (`@kernel.tool`)."""
@@ -176,6 +179,8 @@ class Kernel:
                 choice = "none"  # the last step must answer, so every run ends on an answer
             reply = None
             for msg in self._turn(choice, stream):
+                if self.stop.is_set():
+                    raise KeyboardInterrupt(f"agent {self.name} stopped")
                 if msg.is_delta or msg.role == "kernel":  # tokens, and memory notices (already recorded)
                     yield msg
                 else:

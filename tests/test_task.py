@@ -156,3 +156,21 @@ def test_file_roots_must_be_folders(tmp_path):
     assert ":4: tools.file_roots.0: 'nope' is not a folder" in line
     (tmp_path / "data").mkdir()
     assert load_task(write(tmp_path, "goal: hi\ntools: {enabled: [python], file_roots: [data]}\n")).tools.file_roots == ["data"]
+
+
+def test_several_agents_stop_together_on_sigterm(tmp_path, llmos_home):
+    a = write(tmp_path, "name: a\ngoal: Write a very long story about the sea.\ntools: {enabled: []}\nmodel: {max_tokens: 4000}\nartifacts: out-a\n", "a.yaml")
+    b = write(tmp_path, "name: b\ngoal: Write a very long story about the sky.\ntools: {enabled: []}\nmodel: {max_tokens: 4000}\nartifacts: out-b\n", "b.yaml")
+    env = {**os.environ, "LLMOS_HOME": str(llmos_home)}
+    proc = subprocess.Popen(LLMOS + ["agent", str(a), str(b)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (tmp_path / "out-a" / "trace.jsonl").exists() or not (tmp_path / "out-b" / "trace.jsonl").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    for out in ("out-a", "out-b"):
+        result = json.loads((tmp_path / out / "result.json").read_text())
+        assert result["status"] == "interrupted"
