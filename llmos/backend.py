@@ -297,8 +297,10 @@ class LlamaBackend:
         state = self._saved.pop(agent, None)
         self._owner = agent
         self.switches += 1
-        if state is None or not self._load_state(state):
-            self.llm.n_tokens = 0  # a new agent (or a failed restore): its prompt is evaluated from scratch
+        if state is None:
+            self._context = ("", [])  # a new agent keeps the cache: it shares the system prompt and tools prefix
+        elif not self._load_state(state):
+            self.llm.n_tokens = 0  # a failed restore: its prompt is evaluated from scratch
             self._context = ("", [])
 
     def _save_state(self) -> tuple:

@@ -1,0 +1,96 @@
+"""Several agents on one model, side by side in one run; prints JSON.
+
+    .venv/bin/python benchmarks/agents.py
+
+switch_cost     restoring an agent's saved KV state vs re-prefilling its context, at ~1k and ~4k tokens
+throughput      4 agents whose every step waits ~1 s on a tool: run concurrently (threads sharing
+                the model) vs one after another (target >= 2x)
+parallel_tools  k independent calls in one turn take about the longest, not the sum
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from llmos import Kernel, tool
+from llmos.backend import LlamaBackend
+from llmos.config import ModelOptions
+from llmos.messages import Message, ToolCall
+from llmos.toolbox import Toolbox
+
+
+@tool
+def wait_for_data(seconds: float = 1.0) -> str:
+    """Wait for a slow data source and return its reading."""
+    time.sleep(seconds)
+    return "reading: 42"
+
+
+def switch_cost(backend: LlamaBackend, tokens: int) -> dict:
+    text = ("The keeper climbed the stairs and lit the lamp. " * (tokens // 10))[: tokens * 5]
+    messages = [Message("user", text)]
+    prompt = backend._tokens_for(backend.render(messages, []))
+    backend._switch_to("x")
+    backend.llm.n_tokens = 0
+    t0 = time.perf_counter()
+    backend.llm.eval(prompt)
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state = backend._save_state()
+    save = time.perf_counter() - t0
+    backend.llm.n_tokens = 0
+    t0 = time.perf_counter()
+    ok = backend._load_state(state)
+    restore = time.perf_counter() - t0
+    return {"context_tokens": len(prompt), "prefill_s": round(prefill, 3), "save_s": round(save, 4),
+            "restore_s": round(restore, 4), "restore_ok": ok, "state_bytes": state[1],
+            "restore_over_prefill": round(restore / prefill, 4), "target": 0.02}
+
+
+def throughput(backend: LlamaBackend, tmp: Path) -> dict:
+    def agent(i: int) -> None:
+        k = Kernel(backend, tools=[wait_for_data], trace=tmp, name=f"agent{i}", max_steps=3)
+        list(k.run(f"Agent {i}: get the reading from the slow data source.", tool_choice="wait_for_data"))
+
+    t0 = time.perf_counter()
+    for i in range(4):
+        agent(i)
+    sequential = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=agent, args=(10 + i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    concurrent = time.perf_counter() - t0
+    return {"agents": 4, "sequential_s": round(sequential, 2), "concurrent_s": round(concurrent, 2),
+            "speedup": round(sequential / concurrent, 2), "target": 2.0}
+
+
+def parallel_tools() -> dict:
+    box = Toolbox([wait_for_data])
+    calls = [ToolCall("wait_for_data", {"seconds": s}) for s in (1.0, 0.5, 0.8, 0.3)]
+    t0 = time.perf_counter()
+    box.call_all(calls)
+    took = time.perf_counter() - t0
+    return {"calls": len(calls), "sum_s": 2.6, "longest_s": 1.0, "took_s": round(took, 3)}
+
+
+def main() -> None:
+    backend = LlamaBackend(ModelOptions(gpu_layers=0, n_ctx=8192, max_tokens=48))
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {
+            "switch_cost": [switch_cost(backend, 1000), switch_cost(backend, 4000)],
+            "throughput": throughput(backend, Path(tmp)),
+            "parallel_tools": parallel_tools(),
+        }
+    backend.close()
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
