@@ -85,6 +85,7 @@ def run_task(
                     trace=folder / "trace.jsonl", max_seconds=task.budget.max_seconds,
                     memory=store, recall=task.memory.recall, collection=task.memory.collection,
                     name=name or task.name or task_path.stem, stop=stop)
+    kernel.window.budget.warn, kernel.window.budget.limit = task.memory.warn, task.memory.limit
     result: dict[str, Any] = {"task": str(task_path), "name": task.name or task_path.stem, "artifacts": str(folder),
                               "trace": str(kernel.trace.path), "status": "running", "ingested": ingested}
     answer, exit_reason, steps, called = "", None, 0, set()

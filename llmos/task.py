@@ -83,6 +83,14 @@ class MemorySection(_Strict):
     collection: str = pydantic.Field("default", min_length=1, max_length=63)
     documents: list[str] = []  # files or folders ingested before the run (relative to the task file)
     recall: int = pydantic.Field(0, ge=0, le=20)  # pages retrieved for each user turn (0: only via memory_search)
+    warn: float = pydantic.Field(0.70, gt=0, lt=1)  # window share that triggers a memory-pressure notice
+    limit: float = pydantic.Field(0.90, gt=0, lt=1)  # window share that triggers paging out
+
+    @pydantic.model_validator(mode="after")
+    def _order(self) -> "MemorySection":
+        if self.warn > self.limit:
+            raise ValueError(f"warn ({self.warn}) must not exceed limit ({self.limit})")
+        return self
 
 
 class Budget(_Strict):

@@ -174,3 +174,10 @@ def test_several_agents_stop_together_on_sigterm(tmp_path, llmos_home):
     for out in ("out-a", "out-b"):
         result = json.loads((tmp_path / out / "result.json").read_text())
         assert result["status"] == "interrupted"
+
+
+def test_memory_budgets(tmp_path):
+    (line,) = problems(tmp_path, "goal: hi\nmemory:\n  warn: 0.95\n  limit: 0.8\n")
+    assert "warn (0.95) must not exceed limit (0.8)" in line
+    task = load_task(write(tmp_path, "goal: hi\nmemory: {warn: 0.6, limit: 0.8}\n"))
+    assert (task.memory.warn, task.memory.limit) == (0.6, 0.8)
