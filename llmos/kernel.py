@@ -209,14 +209,6 @@ class Kernel:
         refused = lambda c: Message("tool", f"error: the user did not allow this call to {c.name!r}", meta={"tool_call_id": c.id, "name": c.name, "error": True, "refused": True})  # noqa: E731
         return [done.get(c.id) or refused(c) for c in calls]
 
-    def answer(self, prompt: str, **kwargs: Any) -> str:
-        """Run and return only the final answer text."""
-        final = ""
-        for msg in self.run(prompt, **kwargs):
-            if msg.role == "assistant" and not msg.tool_calls and not msg.is_delta:
-                final = msg.content
-        return final
-
     def complete(
         self,
         messages: Sequence[Mapping[str, Any] | Message],
