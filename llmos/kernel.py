@@ -195,6 +195,8 @@ class Kernel:
                 exit_reason = "max_steps" if step == self.max_steps and step > 1 else "answer"
                 yield self._add(Message("kernel", reply.content, meta={"exit": exit_reason, "steps": step}))
                 return
+            if self.stop.is_set():
+                raise KeyboardInterrupt(f"agent {self.name} stopped")
             for result in self._call_tools(reply.tool_calls):
                 yield self._add(result)
             keys = {_call_key(c) for c in reply.tool_calls}

@@ -105,7 +105,18 @@ class Shell:
 
     # -- one question ---------------------------------------------------------------------------
     def ask_model(self, text: str) -> None:
+        import signal
+
         printer = MessagePrinter()
+
+        def interrupt(signum: int, frame: Any) -> None:
+            # The first Ctrl-C asks the kernel to stop at its next token or step (a safe point, not
+            # inside a write to the terminal); a second one interrupts at once (e.g. a slow tool).
+            if self.kernel is None or self.kernel.stop.is_set():
+                raise KeyboardInterrupt
+            self.kernel.stop.set()
+
+        previous = signal.signal(signal.SIGINT, interrupt)
         try:
             if not self.ready():
                 return
@@ -115,6 +126,10 @@ class Shell:
                     self._show_files(message)
         except KeyboardInterrupt:
             out.print("\n[yellow]^C stopped[/yellow]")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if self.kernel is not None:
+                self.kernel.stop.clear()
 
     def _show_files(self, message: Message) -> None:
         for word in message.content.split():

@@ -10,6 +10,20 @@ import pytest
 PROMPT = "llmos>"
 
 
+def command(shell, line, pattern, tries=3):
+    """Type a line and wait for `pattern`. On a loaded machine, keys typed in the instant the new
+    prompt takes the terminal can be lost; pressing Enter again is what a person would do."""
+    shell.sendline(line)
+    for attempt in range(tries):
+        try:
+            shell.expect(pattern, timeout=20 if attempt < tries - 1 else 120)
+            return
+        except pexpect.TIMEOUT:
+            if attempt == tries - 1:
+                raise
+            shell.sendline(line)
+
+
 def spawn(home, max_tokens):
     env = {**os.environ, "LLMOS_HOME": str(home), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
     child = pexpect.spawn(sys.executable, ["-m", "llmos.cli", "repl", "-o", f"model.max_tokens={max_tokens}"], env=env,
@@ -82,9 +96,8 @@ def test_ctrl_c_stops_generation_but_not_the_shell(long_shell):
     shell.sendintr()
     shell.expect("stopped")
     shell.expect_exact(PROMPT)
-    time.sleep(1)  # let the new prompt take the terminal before typing (input typed earlier may be flushed)
-    shell.sendline("/help")
-    shell.expect("/exit")
+    time.sleep(1)  # let the new prompt take the terminal before typing
+    command(shell, "/help", "/exit")
     shell.expect_exact(PROMPT)
     shell.sendline("/exit")
     shell.expect(pexpect.EOF)
