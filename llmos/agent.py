@@ -143,19 +143,27 @@ def run_concurrently(jobs: list[dict[str, Any]], on_message: Callable[[str, Mess
 
     stop = threading.Event()
     results: list[dict[str, Any] | None] = [None] * len(jobs)
+    # Completion is signalled with events, not Thread.join: a KeyboardInterrupt landing inside
+    # join() can leave the thread looking finished while it is still writing its result.
+    done = [threading.Event() for _ in jobs]
 
     def work(i: int, job: dict[str, Any]) -> None:
-        results[i] = run_task(**job, on_message=lambda m: on_message(job["name"], m), stop=stop)
+        try:
+            results[i] = run_task(**job, on_message=lambda m: on_message(job["name"], m), stop=stop)
+        finally:
+            done[i].set()
 
-    threads = [threading.Thread(target=work, args=(i, job), name=job["name"], daemon=True) for i, job in enumerate(jobs)]
-    for t in threads:
-        t.start()
+    for i, job in enumerate(jobs):
+        threading.Thread(target=work, args=(i, job), name=job["name"], daemon=True).start()
+
+    def wait_all() -> None:
+        for event in done:
+            while not event.wait(0.2):
+                pass
+
     try:
-        for t in threads:
-            while t.is_alive():
-                t.join(0.2)
+        wait_all()
     except KeyboardInterrupt:
         stop.set()
-        for t in threads:
-            t.join()
+        wait_all()
     return [r for r in results if r is not None]
