@@ -163,10 +163,14 @@ def test_several_agents_stop_together_on_sigterm(tmp_path, llmos_home):
     b = write(tmp_path, "name: b\ngoal: Write a very long story about the sky.\ntools: {enabled: []}\nmodel: {max_tokens: 4000}\nartifacts: out-b\n", "b.yaml")
     env = {**os.environ, "LLMOS_HOME": str(llmos_home)}
     proc = subprocess.Popen(LLMOS + ["agent", str(a), str(b)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while not (tmp_path / "out-a" / "trace.jsonl").exists() or not (tmp_path / "out-b" / "trace.jsonl").exists():
-        assert time.time() < deadline and proc.poll() is None
+    for _ in range(600):  # wait (bounded) until both agents have started writing their traces
+        if (tmp_path / "out-a" / "trace.jsonl").exists() and (tmp_path / "out-b" / "trace.jsonl").exists():
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"llmos agent exited early: {proc.communicate()[1][-500:]}")
         time.sleep(0.2)
+    else:
+        pytest.fail("the agents never started")
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
