@@ -46,7 +46,7 @@ def store_for(task: Task, task_path: Path, cache: dict[str, Any]) -> Any:
 
     folder = (task_path.parent / Path(task.memory.store).expanduser()).resolve() if task.memory.store else default_path()
     if str(folder) not in cache:
-        cache[str(folder)] = MemoryStore(folder)
+        cache[str(folder)] = MemoryStore(folder, server=task.memory.server)
     return cache[str(folder)]
 
 
@@ -59,6 +59,7 @@ def run_task(
     store: Any = None,
     name: str | None = None,
     stop: Any = None,
+    scheduler: Any = None,
 ) -> dict[str, Any]:
     """Run one task to its end (or interruption) and return the result that result.json holds."""
     from llmos.kernel import Kernel
@@ -84,7 +85,8 @@ def run_task(
     kernel = Kernel(backend, tools, system=task.system, max_steps=task.budget.max_steps,
                     trace=folder / "trace.jsonl", max_seconds=task.budget.max_seconds,
                     memory=store, recall=task.memory.recall, collection=task.memory.collection,
-                    name=name or task.name or task_path.stem, stop=stop)
+                    name=name or task.name or task_path.stem, stop=stop, scheduler=scheduler,
+                    priority=task.priority, max_tokens=task.budget.max_tokens)
     kernel.window.budget.warn, kernel.window.budget.limit = task.memory.warn, task.memory.limit
     result: dict[str, Any] = {"task": str(task_path), "name": task.name or task_path.stem, "artifacts": str(folder),
                               "trace": str(kernel.trace.path), "status": "running", "ingested": ingested}
@@ -118,7 +120,7 @@ def run_task(
                 t.close()
         forget = getattr(backend, "forget", None)
         if forget is not None:
-            forget(kernel.name)  # free this agent's saved KV state
+            forget(kernel.key)  # free this agent's saved KV state
         checks = run_checks(task, answer, called, folder) if result["status"] == "finished" else []
         result.update({
             "answer": answer, "exit": exit_reason, "steps": steps, "tools_called": sorted(called),
@@ -137,11 +139,12 @@ def exit_code(result: dict[str, Any]) -> int:
 
 
 def run_concurrently(jobs: list[dict[str, Any]], on_message: Callable[[str, Message], None]) -> list[dict[str, Any]]:
-    """Run several tasks as agents on threads: turns share each model (one at a time, each agent's
-    KV cache kept), tool calls run meanwhile. Ctrl-C stops them all; results come back in order."""
+    """Run several tasks as agents on threads. Jobs that share a model should share a scheduler
+    (job["scheduler"]): their turns go by priority, then round-robin, each agent's KV cache kept;
+    tool calls run meanwhile. Ctrl-C stops them all; results come back in order."""
     import threading
 
-    stop = threading.Event()
+    stops = [threading.Event() for _ in jobs]
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     # Completion is signalled with events, not Thread.join: a KeyboardInterrupt landing inside
     # join() can leave the thread looking finished while it is still writing its result.
@@ -149,7 +152,7 @@ def run_concurrently(jobs: list[dict[str, Any]], on_message: Callable[[str, Mess
 
     def work(i: int, job: dict[str, Any]) -> None:
         try:
-            results[i] = run_task(**job, on_message=lambda m: on_message(job["name"], m), stop=stop)
+            results[i] = run_task(**job, on_message=lambda m: on_message(job["name"], m), stop=stops[i])
         finally:
             done[i].set()
 
@@ -164,6 +167,7 @@ def run_concurrently(jobs: list[dict[str, Any]], on_message: Callable[[str, Mess
     try:
         wait_all()
     except KeyboardInterrupt:
-        stop.set()
+        for event in stops:
+            event.set()
         wait_all()
     return [r for r in results if r is not None]

@@ -159,6 +159,48 @@ def compile_grammar(backend: "LlamaBackend", text: str) -> None:
     _Grammar(backend.lc, backend.vocab, text, backend.n_vocab).close()
 
 
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux MemAvailable; 4 GiB elsewhere)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+class _SavedState:
+    """One agent's KV cache cells (llama.cpp sequence state) plus the tokens they hold; the bytes
+    live in RAM (`data`) or, once spilled, in `file`."""
+
+    def __init__(self, data: Any, size: int, ids: Any, context: tuple[str, list[int]]) -> None:
+        self.data, self.size, self.ids, self.context = data, size, ids, context
+        self.file: Path | None = None
+
+    def spill(self, folder: Path, key: str) -> None:
+        import hashlib
+
+        path = folder / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".kv")
+        with open(path, "wb") as fh:
+            fh.write(memoryview(self.data)[: self.size])
+        self.file, self.data = path, None
+
+    def bytes(self) -> Any:
+        if self.data is None:
+            assert self.file is not None
+            buf = (ctypes.c_uint8 * self.size)()
+            with open(self.file, "rb") as fh:
+                fh.readinto(buf)
+            return buf
+        return self.data
+
+    def drop(self) -> None:
+        if self.file is not None:
+            self.file.unlink(missing_ok=True)
+
+
 class LlamaBackend:
     """A GGUF model loaded in-process with llama-cpp-python. Not thread-safe: one turn at a time."""
 
@@ -204,8 +246,11 @@ class LlamaBackend:
         self.last: dict[str, Any] = {}
         self._tool_role = True  # cleared when the chat template rejects tool messages
         self._owner: str | None = None  # the agent whose conversation is in the KV cache
-        self._saved: dict[str, tuple] = {}  # other agents' KV states, restored when they decode next
+        self._saved: dict[str, _SavedState] = {}  # other agents' KV states, oldest first
+        self.kv_ram = options.kv_ram_mb << 20 if options.kv_ram_mb is not None else available_memory() // 4
+        self._spill_dir: Path | None = None  # created when a state first goes to disk
         self.switches = 0
+        self.spilled = 0  # states written to disk so far
         self._context: tuple[str, list[int]] = ("", [])
 
     # -- helpers --------------------------------------------------------------------------
@@ -288,42 +333,66 @@ class LlamaBackend:
 
     # -- agents sharing the model -------------------------------------------------------------
     def _switch_to(self, agent: str) -> None:
-        """Save the KV cache of the agent that used the model last and restore `agent`'s (in memory).
-        llama.cpp's per-sequence state calls copy only the used cells (~24 MB at 1k tokens here)."""
+        """Save the KV cache of the agent that used the model last and restore `agent`'s. States
+        stay in RAM up to kv_ram bytes; the least recently used beyond that go to disk. llama.cpp's
+        per-sequence state calls copy only the used cells (~24 MB at 1k tokens for the default model)."""
         if agent == self._owner:
             return
         if self._owner is not None and self.llm.n_tokens > 0:
             self._saved[self._owner] = self._save_state()
+            self._spill()
         state = self._saved.pop(agent, None)
         self._owner = agent
         self.switches += 1
         if state is None:
             self._context = ("", [])  # a new agent keeps the cache: it shares the system prompt and tools prefix
-        elif not self._load_state(state):
-            self.llm.n_tokens = 0  # a failed restore: its prompt is evaluated from scratch
-            self._context = ("", [])
+        else:
+            ok = self._load_state(state)
+            state.drop()
+            if not ok:
+                self.llm.n_tokens = 0  # a failed restore: its prompt is evaluated from scratch
+                self._context = ("", [])
 
-    def _save_state(self) -> tuple:
+    def _spill(self) -> None:
+        in_ram = [(k, s) for k, s in self._saved.items() if s.data is not None]
+        total = sum(s.size for _, s in in_ram)
+        for key, state in in_ram:  # oldest first
+            if total <= self.kv_ram:
+                return
+            if self._spill_dir is None:
+                import tempfile
+
+                self._spill_dir = Path(tempfile.mkdtemp(prefix="llmos-kv-"))
+            state.spill(self._spill_dir, key)
+            total -= state.size
+            self.spilled += 1
+
+    def _save_state(self) -> _SavedState:
         ctx = self.llm._ctx.ctx
         size = self.lc.llama_state_seq_get_size(ctx, 0)
         buf = (ctypes.c_uint8 * size)()
         written = self.lc.llama_state_seq_get_data(ctx, buf, size, 0)
         n = self.llm.n_tokens
-        return buf, written, n, self.llm.input_ids[:n].copy(), self._context
+        return _SavedState(buf, written, self.llm.input_ids[:n].copy(), self._context)
 
-    def _load_state(self, state: tuple) -> bool:
-        buf, size, n, ids, context = state
+    def _load_state(self, state: _SavedState) -> bool:
         self.llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-        if not size or not self.lc.llama_state_seq_set_data(self.llm._ctx.ctx, buf, size, 0):
+        if not state.size or not self.lc.llama_state_seq_set_data(self.llm._ctx.ctx, state.bytes(), state.size, 0):
             return False
-        self.llm.input_ids[:n] = ids
+        n = len(state.ids)
+        self.llm.input_ids[:n] = state.ids
         self.llm.n_tokens = n
-        self._context = context
+        self._context = state.context
         return True
 
     def forget(self, agent: str) -> None:
-        """Drop a finished agent's saved KV state."""
-        self._saved.pop(agent, None)
+        """Drop a finished agent's saved KV state (in RAM or on disk)."""
+        with self._lock:
+            state = self._saved.pop(agent, None)
+            if state is not None:
+                state.drop()
+            if self._owner == agent:
+                self._owner = None  # its cells stay as a prefix the next agent may share
 
     def _sample(self, grammar: _Grammar | None, closing: bool) -> tuple[int, bool]:
         """Sample the next token; check only it against the grammar, mask the vocabulary if rejected.
@@ -431,6 +500,11 @@ class LlamaBackend:
             yield Message("assistant", text.strip(), meta={"raw": text, "stats": stats})
 
     def close(self) -> None:
+        if getattr(self, "_spill_dir", None) is not None:
+            import shutil
+
+            shutil.rmtree(self._spill_dir, ignore_errors=True)
+            self._spill_dir = None
         if getattr(self, "sampler", None):
             self.lc.llama_sampler_free(self.sampler)
             self.sampler = None

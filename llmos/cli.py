@@ -193,6 +193,7 @@ def agent(
     from llmos.agent import backend_for, exit_code, run_concurrently, run_task, store_for
     from llmos.config import load_settings
     from llmos.render import MessagePrinter, err
+    from llmos.scheduler import Publisher, Scheduler
 
     tasks = _load_tasks(task_files, override, var)
     try:
@@ -206,23 +207,33 @@ def agent(
     signal.signal(signal.SIGTERM, terminate)
     backends: dict = {}
     stores: dict = {}
+    schedulers: dict = {}  # one per loaded model
+    publisher = Publisher("agent " + " ".join(str(p) for p in task_files))
     jobs = []
     for i, (path, task) in enumerate(tasks):
         try:
             backend = backend_for(task, backends)
             store = store_for(task, path, stores)
         except _errors() as exc:
+            publisher.close()
             raise fail(str(exc)) from None
+        if id(backend) not in schedulers:
+            schedulers[id(backend)] = publisher.watch(Scheduler())
+        scheduler = schedulers[id(backend)]
         name = task.name or path.stem
         name = name if name not in {j["name"] for j in jobs} else f"{name}-{i + 1}"
-        jobs.append({"task": task, "task_path": path, "runs_dir": settings.runs_dir, "backend": backend, "store": store, "name": name})
-    if len(jobs) == 1:  # one agent: stream its tokens
-        job = jobs[0]
-        if not as_json:
-            err.print(f"[bold]▶ {job['name']}[/bold] [dim]({job['task_path']})[/dim]")
-        results = [run_task(**job, on_message=(lambda m: None) if as_json else MessagePrinter())]
-    else:  # several agents at once: one line per complete message, prefixed with the agent
-        results = run_concurrently(jobs, on_message=(lambda name, m: None) if as_json else _agent_line)
+        jobs.append({"task": task, "task_path": path, "runs_dir": settings.runs_dir, "backend": backend, "store": store,
+                     "name": name, "scheduler": scheduler})
+    try:
+        if len(jobs) == 1:  # one agent: stream its tokens
+            job = jobs[0]
+            if not as_json:
+                err.print(f"[bold]▶ {job['name']}[/bold] [dim]({job['task_path']})[/dim]")
+            results = [run_task(**job, on_message=(lambda m: None) if as_json else MessagePrinter())]
+        else:  # several agents at once: one line per complete message, prefixed with the agent
+            results = run_concurrently(jobs, on_message=(lambda name, m: None) if as_json else _agent_line)
+    finally:
+        publisher.close()
     codes = [exit_code(r) for r in results]
     for result in results:
         if as_json:
@@ -336,6 +347,24 @@ def tools(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> 
     from llmos.render import tools_table
 
     tools_table(loaded)
+
+
+@app.command()
+def ps(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List the agents of running llmos shells and `llmos agent` runs (id, priority, state, budgets, use)."""
+    from llmos.scheduler import running_tables
+
+    tables = running_tables()
+    if as_json:
+        typer.echo(json.dumps(tables, indent=2))
+        return
+    if not tables:
+        typer.echo("no llmos process is running")
+        return
+    from llmos.render import agents_table
+
+    for t in tables:
+        agents_table(t["agents"], title=f"process {t['pid']}: llmos {t['command']}")
 
 
 def main() -> None:

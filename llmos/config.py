@@ -32,6 +32,9 @@ class ModelOptions(pydantic.BaseModel):
     seed: int = 0
     max_tokens: int = pydantic.Field(512, ge=1)  # per model turn
     chat_template: str | None = None  # a Jinja chat template to use instead of the GGUF's own
+    # Saved KV states of agents that share the model stay in RAM up to this many MB; beyond it the
+    # least recently used go to disk. None: a quarter of the memory available when the model loads.
+    kv_ram_mb: int | None = pydantic.Field(None, ge=0)
 
 
 class ToolSettings(pydantic.BaseModel):

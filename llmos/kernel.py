@@ -13,6 +13,7 @@ from llmos.backend import Backend, ContextFull
 from llmos.config import ModelOptions, home_dir
 from llmos.messages import Message, ToolCall
 from llmos.memory.window import Window, memory_tools
+from llmos.scheduler import Scheduler
 from llmos.toolbox import Tool, Toolbox, as_tool
 
 
@@ -44,7 +45,10 @@ class Kernel:
 
     model: a .gguf path, a Backend (e.g. llmos.testing.ScriptedBackend), or None for the default
     model. Tools: @tool functions, typed functions or OpenAI-format tool dicts. max_steps bounds
-    the model turns of one run; max_seconds (optional) its wall-clock time, checked between steps.
+    the model turns of one run; max_seconds and max_tokens (optional) its wall-clock time and the
+    tokens the model evaluates and generates for it, checked between steps.
+    scheduler: kernels sharing one backend should share one Scheduler (their turns are then given
+    by priority, then round-robin, and they appear in one process table); default: a private one.
     """
 
     def __init__(
@@ -63,6 +67,9 @@ class Kernel:
         collection: str = "default",
         name: str | None = None,
         stop: threading.Event | None = None,
+        scheduler: Scheduler | None = None,
+        priority: int = 0,
+        max_tokens: int | None = None,
     ) -> None:
         if model is None or isinstance(model, (str, Path)):
             from llmos.backend import LlamaBackend
@@ -89,8 +96,13 @@ class Kernel:
         if path.suffix != ".jsonl":
             path = path / (time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6] + ".jsonl")
         self.trace = Trace(path)
-        self.name = name or path.stem  # the agent's id: backends keep one cached context per name
+        self.name = name or path.stem
+        self.key = f"{self.name}#{uuid.uuid4().hex[:8]}"  # backends keep one cached context per key
         self.stop = stop or threading.Event()  # set from another thread: the run ends as if by Ctrl-C
+        self.max_tokens = max_tokens
+        self.scheduler = scheduler or Scheduler()
+        self.process = self.scheduler.spawn(self.name, priority=priority, stop=self.stop, max_steps=max_steps,
+                                            max_tokens=max_tokens, max_seconds=max_seconds)
 
     def tool(self, fn: Any) -> Tool:
         """Register a tool; usable as a decorator (`@kernel.tool`)."""
@@ -136,8 +148,9 @@ class Kernel:
                               f"Messages to add:\n{text[-2000:]}\nReply with the new summary only, in a few short sentences.")
         reply = None
         try:
-            for reply in self.backend.turn(self.window.view() + [ask], list(self.tools), "none", agent=self.name):
-                pass
+            with self.scheduler.turn(self.process):
+                for reply in self.backend.turn(self.window.view() + [ask], list(self.tools), "none", agent=self.key):
+                    pass
         except ContextFull:
             return ""  # the window falls back to its deterministic summary
         return reply.content if reply is not None else ""
@@ -151,9 +164,10 @@ class Kernel:
                 yield self._add(notice)
         while True:
             try:
-                for msg in self.backend.turn(self.window.view(), list(self.tools), tool_choice, agent=self.name):
-                    if not msg.is_delta or stream:
-                        yield msg
+                with self.scheduler.turn(self.process):
+                    for msg in self.backend.turn(self.window.view(), list(self.tools), tool_choice, agent=self.key):
+                        if not msg.is_delta or stream:
+                            yield msg
                 return
             except ContextFull as exc:
                 if len(self.messages) <= 1:
@@ -166,14 +180,37 @@ class Kernel:
 
         With stream=True, tokens arrive as assistant Messages with meta {"delta": True} before
         each complete message. The last message is a kernel message with meta {"exit": ...}.
+        The agent's process moves through the scheduler's states; a stop ends it as "stopped".
         """
+        proc, sched = self.process, self.scheduler
+        try:
+            for message in self._run(prompt, stream, tool_choice):
+                if message.role == "kernel" and message.meta.get("exit"):
+                    sched.set_state(proc, "done", message.meta["exit"])
+                yield message
+        except KeyboardInterrupt:
+            sched.set_state(proc, "stopped", "stopped")
+            raise
+        except GeneratorExit:
+            if proc.state != "done":
+                sched.set_state(proc, "stopped", "abandoned")  # the caller stopped reading
+            raise
+        except BaseException as exc:
+            sched.set_state(proc, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+
+    def _run(self, prompt: str, stream: bool, tool_choice: str) -> Iterator[Message]:
         yield self._add(self._with_recall(prompt))
         seen: set[str] = set()
         choice = tool_choice
         deadline = time.monotonic() + self.max_seconds if self.max_seconds else None
+        used = 0  # tokens the model evaluated and generated in this run
         for step in range(1, self.max_steps + 1):
             if deadline is not None and time.monotonic() > deadline:
                 yield self._add(Message("kernel", f"time budget of {self.max_seconds:g} s exhausted", meta={"exit": "timeout", "steps": step - 1}))
+                return
+            if self.max_tokens is not None and used >= self.max_tokens:
+                yield self._add(Message("kernel", f"token budget of {self.max_tokens} exhausted ({used} used)", meta={"exit": "tokens", "steps": step - 1}))
                 return
             if step == self.max_steps and len(self.tools):
                 choice = "none"  # the last step must answer, so every run ends on an answer
@@ -186,6 +223,10 @@ class Kernel:
                 else:
                     reply = msg
             assert reply is not None, "backend ended a turn without a message"
+            stats = reply.meta.get("stats") or {}
+            spent = stats.get("evaluated_tokens", 0) + stats.get("generated_tokens", 0)
+            used += spent
+            self.scheduler.count(self.process, steps=1, tokens=spent)
             yield self._add(reply)
             if not reply.tool_calls:
                 if str(reply.meta.get("raw", "")).startswith("<tool_call>") and step < self.max_steps:
@@ -197,6 +238,7 @@ class Kernel:
                 return
             if self.stop.is_set():
                 raise KeyboardInterrupt(f"agent {self.name} stopped")
+            self.scheduler.set_state(self.process, "waiting")
             for result in self._call_tools(reply.tool_calls):
                 yield self._add(result)
             keys = {_call_key(c) for c in reply.tool_calls}
@@ -221,14 +263,18 @@ class Kernel:
         """The model's next message for OpenAI-style messages and tools; nothing is executed."""
         msgs = [m if isinstance(m, Message) else Message.from_dict(m) for m in messages]
         reply = None
-        for msg in self.backend.turn(msgs, [as_tool(t) for t in tools], tool_choice, agent=self.name):
-            if not msg.is_delta:
-                reply = msg
+        with self.scheduler.turn(self.process):
+            for msg in self.backend.turn(msgs, [as_tool(t) for t in tools], tool_choice, agent=self.key):
+                if not msg.is_delta:
+                    reply = msg
         assert reply is not None
         return reply
 
     def close(self) -> None:
         """Release the model and the tools' sessions (sandboxes, browsers)."""
+        forget = getattr(self.backend, "forget", None)
+        if forget is not None:
+            forget(self.key)
         for t in self.tools:
             if t.close is not None:
                 t.close()

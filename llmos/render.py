@@ -96,3 +96,15 @@ def tools_table(tools: Iterable[Any]) -> None:
         params = ", ".join(f"{k}{'' if k in required else '?'}: {v.get('type', 'any')}" for k, v in props.items())
         table.add_row(t.name, t.description, params, t.touches)
     out.print(table)
+
+
+def agents_table(rows: list[dict[str, Any]], title: str | None = None) -> None:
+    """A process table: one row per agent (see Scheduler.ps)."""
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    for column in ("ID", "NAME", "PRI", "STATE", "STEPS", "TOKENS", "TURNS", "AGE", "BUDGET", "NOTE"):
+        table.add_column(column, justify="right" if column in ("ID", "PRI", "STEPS", "TOKENS", "TURNS", "AGE") else "left")
+    for r in rows:
+        budget = ", ".join(f"{v:g} {k}" for k, v in r.get("budget", {}).items())
+        table.add_row(str(r["id"]), r["name"], str(r["priority"]), r["state"], str(r["steps"]), str(r["tokens"]),
+                      str(r["turns"]), f"{r['age_s']:.0f}s", budget, _short(r.get("note") or "", 60))
+    out.print(table)

@@ -7,6 +7,7 @@ at once; the first question waits for the load if it has not finished.
 from __future__ import annotations
 
 import json
+import queue
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,11 @@ COMMANDS = {
     "/tools": "the enabled tools",
     "/model": "show the model; /model PATH switches to another GGUF",
     "/memory": "context window usage; /memory QUERY searches long-term memory",
-    "/ps": "agents in this shell",
+    "/ps": "agents in this shell: id, priority, state, steps, tokens, budgets",
+    "/run": "/run TASK.yaml [PRIORITY]: start a task file as a background agent on this model",
+    "/pause": "/pause ID: give an agent no more model turns until /resume ID",
+    "/resume": "/resume ID: let a paused agent decode again",
+    "/stop": "/stop ID: stop an agent at its next safe point",
     "/trace": "where this session's JSONL trace is",
     "/expand": "show the last tool calls and results in full",
     "/save": "/save FILE: write the conversation as JSON lines",
@@ -49,6 +54,12 @@ class Shell:
         self.store: Any = None
         self._error: BaseException | None = None
         self._model_path = model
+        from llmos.scheduler import Publisher, Scheduler
+
+        self.publisher = Publisher("shell")  # so `llmos ps` in another terminal lists these agents
+        self.scheduler = self.publisher.watch(Scheduler())
+        self.notices: "queue.Queue[str]" = queue.Queue()  # background agents' endings, shown at the next prompt
+        self.background: dict[str, threading.Thread] = {}
         self._loader = threading.Thread(target=self._load, daemon=True)
         self._loader.start()
 
@@ -63,7 +74,8 @@ class Shell:
             self.store = self._open_store()
             self.kernel = Kernel(tools=self.tools, max_steps=self.settings.max_steps, options=options,
                                  trace=self.settings.trace_dir, approve=self.approve,
-                                 memory=self.store, recall=3 if self.store is not None else 0)
+                                 memory=self.store, recall=3 if self.store is not None else 0,
+                                 scheduler=self.scheduler, name="shell")
         except BaseException as exc:  # noqa: BLE001 - reported at the next prompt, the shell stays up
             self._error = exc
 
@@ -164,8 +176,15 @@ class Shell:
         elif name == "/memory":
             self._memory(arg)
         elif name == "/ps":
-            state = "ready" if self.kernel is not None else "loading"
-            out.print(f"1 agent: shell ({state}), {len(self.kernel.messages) if self.kernel else 0} messages")
+            from llmos.render import agents_table
+
+            agents_table(self.scheduler.ps())
+            if self.kernel is None:
+                out.print("(the model is still loading)")
+        elif name in ("/pause", "/resume", "/stop"):
+            self._control(name[1:], arg)
+        elif name == "/run":
+            self._start_task(arg)
         elif name == "/expand":
             self._expand()
         elif name == "/save":
@@ -175,6 +194,77 @@ class Shell:
         else:
             out.print(f"[red]unknown command {name}[/red]; /help lists them")
         return True
+
+    def _control(self, action: str, arg: str) -> None:
+        from llmos.scheduler import NoSuchAgent
+
+        if not arg:
+            out.print(f"usage: /{action} ID (ids and names: /ps)")
+            return
+        try:
+            proc = getattr(self.scheduler, action)(arg)
+        except NoSuchAgent as exc:
+            err.print(f"[red]llmos: error: {exc}[/red]")
+            return
+        out.print(f"agent {proc.pid} ({proc.name}): {dict(pause='paused', resume='resumed', stop='stopping')[action]}")
+
+    def _start_task(self, arg: str) -> None:
+        """Run a task file as a background agent on the shell's model and scheduler."""
+        from llmos.agent import run_task, store_for
+        from llmos.task import TaskError, load_task
+
+        words = arg.split()
+        if not words or (len(words) == 2 and not words[1].lstrip("-").isdigit()) or len(words) > 2:
+            out.print("usage: /run TASK.yaml [PRIORITY]")
+            return
+        path = Path(words[0]).expanduser()
+        try:
+            task = load_task(path)
+            if len(words) == 2:
+                task = task.model_copy(update={"priority": int(words[1])})
+        except TaskError as exc:
+            err.print(f"[red]llmos: error: {exc}[/red]")
+            return
+        if not self.ready():
+            return
+        stores = {str((self.settings.home / "memory").resolve()): self.store} if self.store is not None else {}
+        from llmos.memory.store import StoreError
+
+        try:
+            store = store_for(task, path, stores)
+        except (StoreError, OSError) as exc:
+            err.print(f"[red]llmos: error: {exc}[/red]")
+            return
+        taken = {row["name"] for row in self.scheduler.ps()}
+        name = base = task.name or path.stem
+        n = 1
+        while name in taken:
+            n += 1
+            name = f"{base}-{n}"
+        if task.model.path and Path(task.model.path).expanduser().resolve() != Path(self.kernel.backend.path).resolve():
+            out.print(f"[yellow]{name}: runs on the shell's model, not {task.model.path}[/yellow]")
+
+        def work() -> None:
+            try:
+                result = run_task(task, path, self.settings.runs_dir, self.kernel.backend, store=store, name=name,
+                                  scheduler=self.scheduler)
+                status = "passed" if result["passed"] else result["status"] if result["status"] != "finished" else "checks failed"
+                self.notices.put(f"agent {name} {status}: {' '.join(result['answer'].split())[:120]!r} "
+                                 f"— {Path(result['artifacts']) / 'result.json'}")
+            except Exception as exc:  # noqa: BLE001 - reported at the next prompt; other agents carry on
+                self.notices.put(f"agent {name} failed: {type(exc).__name__}: {exc}")
+            finally:
+                if store is not None and store is not self.store:
+                    store.close()
+
+        thread = threading.Thread(target=work, name=f"agent-{name}", daemon=True)
+        self.background[name] = thread
+        thread.start()
+        out.print(f"started agent {name} (priority {task.priority}); /ps shows it, /stop {name} ends it")
+
+    def show_notices(self) -> None:
+        while not self.notices.empty():
+            out.print(f"[cyan]{self.notices.get()}[/cyan]")
 
     def _memory(self, query: str) -> None:
         if not self.ready():
@@ -219,6 +309,10 @@ class Shell:
             info = self.kernel.backend.info
             out.print(f"{info.name} ({info.architecture}, {info.n_params / 1e6:.0f}M parameters, {info.quantization}) — {self.kernel.backend.path}")
             return
+        busy = [name for name, thread in self.background.items() if thread.is_alive()]
+        if busy:
+            err.print(f"[red]llmos: error: agents {', '.join(busy)} still run on this model; /stop them first[/red]")
+            return
         from llmos.backend import LlamaBackend
         from llmos.gguf import ModelFileError
 
@@ -259,6 +353,10 @@ class Shell:
         out.print(f"loaded {len(messages)} messages from {path}")
 
     def close(self) -> None:
+        self.scheduler.stop_all()
+        for thread in self.background.values():
+            thread.join(timeout=30)  # each writes its result.json on the way out
+        self.publisher.close()
         if self.kernel is not None:
             self.kernel.close()  # closes the tools too
         else:
@@ -297,6 +395,7 @@ def run_shell(settings: Settings, tools: list[str], model: str | None = None) ->
     out.print("[bold]llmos[/bold] — ask anything; /help for commands, Ctrl-D to leave.")
     try:
         while True:
+            shell.show_notices()
             try:
                 line = session.prompt("llmos> ", multiline=False)
             except KeyboardInterrupt:

@@ -80,11 +80,21 @@ class MemorySection(_Strict):
 
     enabled: bool = False
     store: Optional[str] = None  # folder; default <home>/memory; relative paths are relative to the task file
+    server: Optional[str] = None  # Chroma server (`chroma run`) URL, e.g. http://127.0.0.1:8000: vectors shared across machines
     collection: str = pydantic.Field("default", min_length=1, max_length=63)
     documents: list[str] = []  # files or folders ingested before the run (relative to the task file)
     recall: int = pydantic.Field(0, ge=0, le=20)  # pages retrieved for each user turn (0: only via memory_search)
     warn: float = pydantic.Field(0.70, gt=0, lt=1)  # window share that triggers a memory-pressure notice
     limit: float = pydantic.Field(0.90, gt=0, lt=1)  # window share that triggers paging out
+
+    @pydantic.field_validator("server")
+    @classmethod
+    def _server_url(cls, url: Optional[str]) -> Optional[str]:
+        if url is not None:
+            from llmos.memory.store import parse_server_url
+
+            parse_server_url(url)
+        return url
 
     @pydantic.model_validator(mode="after")
     def _order(self) -> "MemorySection":
@@ -96,6 +106,7 @@ class MemorySection(_Strict):
 class Budget(_Strict):
     max_steps: int = pydantic.Field(8, ge=1, le=1000)
     max_seconds: float = pydantic.Field(600.0, gt=0)
+    max_tokens: Optional[int] = pydantic.Field(None, ge=1)  # tokens the model evaluates and generates for the run
 
 
 class Check(_Strict):
@@ -129,6 +140,7 @@ class Task(_Strict):
     name: Optional[str] = None
     goal: str = pydantic.Field(min_length=1)  # the prompt; {variables} are filled from vars and --var
     system: Optional[str] = None
+    priority: int = pydantic.Field(0, ge=-100, le=100)  # among agents sharing a model, higher decodes first
     vars: dict[str, Union[str, int, float, bool]] = {}
     model: ModelOptions = ModelOptions()
     tools: ToolsSection = ToolsSection()

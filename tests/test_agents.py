@@ -5,6 +5,7 @@ import threading
 from llmos import Kernel
 from llmos.backend import LlamaBackend
 from llmos.config import ModelOptions
+from llmos.scheduler import Scheduler
 from llmos.tools import load_builtin
 
 PROMPTS_A = ["Name three colours.", "Now name three animals.", "And three fruits."]
@@ -18,8 +19,8 @@ def answers(kernel, prompts):
     return out
 
 
-def new_backend():
-    return LlamaBackend(ModelOptions(gpu_layers=0, max_tokens=40, n_ctx=2048))
+def new_backend(**options):
+    return LlamaBackend(ModelOptions(gpu_layers=0, max_tokens=40, n_ctx=2048, **options))
 
 
 def test_output_is_identical_alone_and_interleaved(tmp_path):
@@ -28,7 +29,7 @@ def test_output_is_identical_alone_and_interleaved(tmp_path):
         expected_a = answers(Kernel(alone, trace=tmp_path, name="a"), PROMPTS_A)
     finally:
         alone.close()
-    shared = new_backend()
+    shared = new_backend(kv_ram_mb=0)  # no RAM for saved states: every switch goes through disk
     try:
         a = Kernel(shared, trace=tmp_path, name="a")
         b = Kernel(shared, trace=tmp_path, name="b")
@@ -38,7 +39,10 @@ def test_output_is_identical_alone_and_interleaved(tmp_path):
             if i < len(PROMPTS_B):
                 answers(b, [PROMPTS_B[i]])  # b takes the model between a's turns
         assert got_a == expected_a
-        assert shared.switches >= 4
+        assert shared.switches >= 4 and shared.spilled >= 2
+        assert len(list(shared._spill_dir.iterdir())) == 1  # b's state; a's was restored from its file and removed
+        shared.forget(b.key)
+        assert not list(shared._spill_dir.iterdir())
         # after a switch back, a's earlier context was restored, not re-read
         stats = [m.meta["stats"] for m in a.messages if m.role == "assistant"]
         assert stats[-1]["cached_tokens"] > stats[0]["prompt_tokens"]
@@ -49,7 +53,9 @@ def test_output_is_identical_alone_and_interleaved(tmp_path):
 def test_agents_in_threads_share_the_model_and_tools_run_meanwhile(tmp_path):
     shared = new_backend()
     try:
-        kernels = [Kernel(shared, tools=[load_builtin("calculator")], trace=tmp_path, name=f"agent{i}") for i in range(3)]
+        sched = Scheduler()
+        kernels = [Kernel(shared, tools=[load_builtin("calculator")], trace=tmp_path, name=f"agent{i}", scheduler=sched)
+                   for i in range(3)]
         results = {}
 
         def work(k, expr):
@@ -65,5 +71,7 @@ def test_agents_in_threads_share_the_model_and_tools_run_meanwhile(tmp_path):
         for msgs in results.values():
             assert msgs[-1].meta["exit"] in ("answer", "max_steps")
             assert any(m.role == "tool" for m in msgs)
+        rows = sched.ps()
+        assert [r["state"] for r in rows] == ["done"] * 3 and all(r["turns"] >= 2 and r["tokens"] > 0 for r in rows)
     finally:
         shared.close()

@@ -1,0 +1,5 @@
+"""`python -m llmos` runs the CLI."""
+
+from llmos.cli import main
+
+main()
