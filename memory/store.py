@@ -6,10 +6,17 @@ Layout of a store folder:
   chroma/         Chroma PersistentClient; a derived index, re-synced from the ledger on open
                   (chunks whose vector never landed are re-embedded) and rebuilt by `rebuild()`
   lock            fcntl lock holding the writer's PID: Chroma is not safe for two processes
+
+With `server="http://host:port"` the vector index is a Chroma server (`chroma run`) instead of
+chroma/, so several machines, each with its own folder, share one memory. The server's collection
+then holds each chunk's text and metadata too: a hit another machine wrote comes back whole, and
+identifier-like query words are matched verbatim there (`$contains`) since this ledger's keyword
+index only knows local writes. The ledger stays the durable record of this machine's writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -21,13 +28,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 SCHEMA_VERSION = 1
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.); damps the top ranks' dominance
 KEYWORD_FLOOR = 0.25  # keyword hits scoring under this fraction of the best one are not fused
 COLLECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")  # what Chroma accepts
 KINDS = ("message", "fact", "document")
+SERVER_TIMEOUT = 3.0  # seconds to connect to a Chroma server: a dead or unreachable one fails fast
+SERVER_READ_TIMEOUT = 60.0  # seconds for one request's answer (a large upsert on a busy server)
+LOCAL_INDEX = "local"  # meta 'index' value when the vector index is the chroma/ folder
 
 
 class StoreError(RuntimeError):
@@ -63,6 +73,35 @@ def default_path() -> Path:
     from llmos.config import home_dir
 
     return home_dir() / "memory"
+
+
+def parse_server_url(url: str) -> tuple[str, int, bool]:
+    """(host, port, ssl) of a Chroma server URL such as http://127.0.0.1:8000; ValueError says what is wrong."""
+    from urllib.parse import urlsplit
+
+    example = "e.g. http://127.0.0.1:8000"
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{url!r} is not an http:// or https:// URL ({example})")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{url!r} has an invalid port ({example})") from None
+    if not parts.hostname or port is None:
+        raise ValueError(f"{url!r} needs a host and a port ({example})")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"{url!r} must be only scheme://host:port ({example})")
+    return parts.hostname, port, parts.scheme == "https"
+
+
+def _identifiers(query: str) -> list[str]:
+    """Query words that look like IDs or codes (4+ characters with a digit or '_'), to match verbatim."""
+    words: list[str] = []
+    for word in query.split():
+        word = word.strip(".,;:!?()[]{}<>\"'`")
+        if len(word) >= 4 and (any(ch.isdigit() for ch in word) or "_" in word) and word not in words:
+            words.append(word)
+    return words[:8]
 
 
 def _fts_query(query: str) -> str:
@@ -122,8 +161,20 @@ def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
 class MemoryStore:
     """Chunks of text with metadata in named collections; hybrid (vector + keyword) search."""
 
-    def __init__(self, path: str | Path | None = None, embedder: Callable[[Sequence[str]], Any] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        embedder: Callable[[Sequence[str]], Any] | None = None,
+        *,
+        server: str | None = None,
+    ) -> None:
         self.path = Path(path) if path is not None else default_path()
+        self.server = server.strip().rstrip("/") if server else None
+        if self.server:
+            try:
+                parse_server_url(self.server)
+            except ValueError as exc:
+                raise StoreError(f"memory server {exc}") from None
         self.path.mkdir(parents=True, exist_ok=True)
         if embedder is None:
             from llmos.memory.embed import default_embedder
@@ -182,7 +233,7 @@ class MemoryStore:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             elif row[0] != str(SCHEMA_VERSION):
                 raise StoreError(f"store {self.path} has schema version {row[0]}, this llmos reads {SCHEMA_VERSION}; use a new folder")
-            name = getattr(self.embedder, "name", lambda: type(self.embedder).__name__)()
+            name = self._embedder_name()
             row = db.execute("SELECT value FROM meta WHERE key='embedder'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('embedder', ?)", (name,))
@@ -202,11 +253,14 @@ class MemoryStore:
         import chromadb
         from chromadb.config import Settings
 
+        if self.server:
+            self._open_server()
+            return
         try:
             self._client = chromadb.PersistentClient(
                 path=str(self.path / "chroma"), settings=Settings(anonymized_telemetry=False, allow_reset=True)
             )
-            for name in self.collections():
+            for name in self._local_collections():
                 self._collection(name).count()
         except Exception as exc:  # noqa: BLE001 - Chroma raises many types for a damaged folder; all mean the same
             self._drop_client()
@@ -216,6 +270,60 @@ class MemoryStore:
                 f"fix: MemoryStore.rebuild({str(self.path)!r}) re-embeds everything from the ledger"
             ) from None
 
+    def _open_server(self) -> None:
+        import chromadb
+        import httpx
+        from chromadb.config import Settings
+
+        host, port, ssl = parse_server_url(self.server)
+        self._probe()  # Chroma's own client waits forever on a silent host; ask with a deadline first
+        with self._remote():
+            self._client = chromadb.HttpClient(host=host, port=port, ssl=ssl, settings=Settings(anonymized_telemetry=False))
+            # Chroma's HTTP session has no timeout and no setting for one; without this a server
+            # that stops answering mid-run would hang the agent instead of raising StoreError.
+            session = getattr(getattr(self._client, "_server", None), "_session", None)
+            if isinstance(session, httpx.Client):
+                session.timeout = httpx.Timeout(SERVER_READ_TIMEOUT, connect=SERVER_TIMEOUT)
+            for name in self._local_collections():
+                self._collection(name)
+
+    def _unreachable(self, reason: object) -> str:
+        _, port, _ = parse_server_url(self.server)
+        return (
+            f"Chroma server {self.server} is not reachable ({reason}); "
+            f"fix: start it with `chroma run --path DIR --port {port}` on that host, or correct memory.server"
+        )
+
+    def _probe(self) -> None:
+        import urllib.error
+        import urllib.request
+
+        # No proxy: the server is named by address, and a proxy would turn "down" into a proxy's error page.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(self.server + "/api/v2/heartbeat", timeout=SERVER_TIMEOUT) as reply:
+                reply.read()
+        except urllib.error.HTTPError as exc:
+            raise StoreError(f"{self.server} answered HTTP {exc.code} to a heartbeat; is it a Chroma 1.x server (`chroma run`)?") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise StoreError(self._unreachable(getattr(exc, "reason", exc))) from None
+
+    @contextlib.contextmanager
+    def _remote(self) -> Iterator[None]:
+        """Turn a failing call to the Chroma server into one StoreError naming the URL and the fix."""
+        if not self.server:
+            yield
+            return
+        import httpx
+        from chromadb.errors import ChromaError
+
+        try:
+            yield
+        except httpx.TransportError as exc:
+            raise StoreError(self._unreachable(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)) from None
+        except ChromaError as exc:
+            raise StoreError(f"Chroma server {self.server} refused the request: {exc}") from None
+
     def _drop_client(self) -> None:
         if self._client is not None:
             close = getattr(self._client, "close", None)
@@ -224,52 +332,99 @@ class MemoryStore:
         self._client = None
         self._collections.clear()
 
-    def _collection(self, name: str) -> Any:
+    def _collection(self, name: str, create: bool = True) -> Any:
+        """The Chroma collection `name`; with create=False, None where it does not exist yet."""
         if name not in self._collections:
-            self._collections[name] = self._client.get_or_create_collection(
-                name, embedding_function=None, metadata={"hnsw:space": "cosine"}
-            )
+            from chromadb.errors import NotFoundError
+
+            embedder = self._embedder_name()
+            with self._remote():
+                try:
+                    col = self._client.get_collection(name, embedding_function=None)
+                except NotFoundError:
+                    if not create:
+                        return None
+                    col = self._client.create_collection(
+                        name, embedding_function=None, metadata={"hnsw:space": "cosine", "llmos_embedder": embedder}
+                    )
+            found = (col.metadata or {}).get("llmos_embedder", embedder)
+            if self.server and found != embedder:
+                # Vectors from another model are meaningless to this one, and the collection is shared.
+                raise StoreError(
+                    f"collection {name!r} on {self.server} holds vectors from embedder {found}, this store embeds with "
+                    f"{embedder}; use the same embedder everywhere or another memory.collection"
+                )
+            self._collections[name] = col
         return self._collections[name]
 
+    def _embedder_name(self) -> str:
+        return getattr(self.embedder, "name", lambda: type(self.embedder).__name__)()
+
+    def _local_collections(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT DISTINCT collection FROM chunks ORDER BY collection")]
+
+    def _in_ledger(self, collection: str) -> bool:
+        return self._db.execute("SELECT 1 FROM chunks WHERE collection=? LIMIT 1", (collection,)).fetchone() is not None
+
     def _sync(self) -> None:
-        """Make Chroma agree with the ledger after a crash: embed what is missing, drop what was deleted."""
-        for name in self.collections():
+        """Make the vector index agree with the ledger after a crash or a switch of index (folder <-> server)."""
+        target = self.server or LOCAL_INDEX
+        row = self._db.execute("SELECT value FROM meta WHERE key='index'").fetchone()
+        switched = row is not None and row[0] != target  # 'indexed' flags describe the previous index
+        for name in self._local_collections():
             col = self._collection(name)
             ledger_ids = {r[0] for r in self._db.execute("SELECT id FROM chunks WHERE collection=?", (name,))}
-            if col.count() != len(ledger_ids) or self._db.execute(
+            if self.server:
+                # The server holds other machines' chunks too: never delete what this ledger lacks.
+                if switched:
+                    present: set[str] = set()
+                    ordered = sorted(ledger_ids)
+                    with self._remote():
+                        for start in range(0, len(ordered), 1000):
+                            present.update(col.get(ids=ordered[start : start + 1000], include=[])["ids"])
+                    self._mark_unindexed(ledger_ids - present)
+            elif switched or col.count() != len(ledger_ids) or self._db.execute(
                 "SELECT 1 FROM chunks WHERE collection=? AND indexed=0 LIMIT 1", (name,)
             ).fetchone():
                 index_ids = set(col.get(include=[])["ids"])
                 extra = list(index_ids - ledger_ids)
                 if extra:
                     col.delete(ids=extra)
-                missing = ledger_ids - index_ids
-                if missing:
-                    self._db.execute(
-                        f"UPDATE chunks SET indexed=0 WHERE id IN ({','.join('?' * len(missing))})", tuple(missing)
-                    )
-                self._index_pending(name)
+                self._mark_unindexed(ledger_ids - index_ids)
+            self._index_pending(name)
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('index', ?)", (target,))
+
+    def _mark_unindexed(self, ids: set[str]) -> None:
+        if ids:
+            self._db.execute(f"UPDATE chunks SET indexed=0 WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))
 
     def _index_pending(self, collection: str, batch: int = 256) -> None:
         while True:
             rows = self._db.execute(
-                "SELECT id, text, source, position, kind FROM chunks WHERE collection=? AND indexed=0 LIMIT ?",
+                "SELECT id, text, source, position, kind, hash, meta FROM chunks WHERE collection=? AND indexed=0 LIMIT ?",
                 (collection, batch),
             ).fetchall()
             if not rows:
                 return
             ids = [r[0] for r in rows]
             vectors = self.embedder([r[1] for r in rows])
-            self._collection(collection).upsert(
-                ids=ids,
-                embeddings=[list(map(float, v)) for v in vectors],
-                metadatas=[{"source": r[2], "position": r[3], "kind": r[4]} for r in rows],
-            )
+            extra: dict[str, Any] = {}
+            metadatas: list[dict[str, Any]] = [{"source": r[2], "position": r[3], "kind": r[4]} for r in rows]
+            if self.server:
+                # Other machines read hits straight from the server: it needs the whole chunk.
+                extra["documents"] = [r[1] for r in rows]
+                metadatas = [{**m, "hash": r[5], "meta": r[6]} for m, r in zip(metadatas, rows)]
+            with self._remote():
+                self._collection(collection).upsert(
+                    ids=ids, embeddings=[list(map(float, v)) for v in vectors], metadatas=metadatas, **extra
+                )
             self._db.execute(f"UPDATE chunks SET indexed=1 WHERE id IN ({','.join('?' * len(ids))})", ids)
 
     @classmethod
-    def rebuild(cls, path: str | Path | None = None, embedder: Callable[[Sequence[str]], Any] | None = None) -> "MemoryStore":
-        """Delete the vector index and re-embed every chunk from the ledger; returns the open store."""
+    def rebuild(
+        cls, path: str | Path | None = None, embedder: Callable[[Sequence[str]], Any] | None = None, *, server: str | None = None
+    ) -> "MemoryStore":
+        """Delete the local vector index and re-embed every chunk from the ledger (into `server` if given); returns the open store."""
         folder = Path(path) if path is not None else default_path()
         lock = _Lock(folder)  # refuse to wipe an index another process is using
         try:
@@ -284,7 +439,7 @@ class MemoryStore:
                 db.close()
         finally:
             lock.release()
-        return cls(folder, embedder)
+        return cls(folder, embedder, server=server)
 
     # ---- writing -------------------------------------------------------------------------------
 
@@ -325,42 +480,101 @@ class MemoryStore:
             self._db.execute("ROLLBACK")
             raise
         if added:
-            self._index_pending(collection)
+            try:
+                self._index_pending(collection)
+            except StoreError as exc:
+                raise StoreError(f"{exc} (the {len(added)} new chunks are saved in {self.path}; they are sent when the server answers again)") from None
         return added, len(texts) - len(added)
 
     @_serialized
     def delete(self, ids: Sequence[str], collection: str = "default") -> int:
-        """Remove chunks by id; returns how many existed."""
+        """Remove chunks by id (on a server, also those other machines wrote); returns how many existed."""
         ids = list(ids)
         if not ids:
             return 0
         cur = self._db.execute(f"DELETE FROM chunks WHERE collection=? AND id IN ({','.join('?' * len(ids))})", (collection, *ids))
-        if collection in self.collections() or collection in self._collections:
-            self._collection(collection).delete(ids=ids)
-        return cur.rowcount
+        removed = cur.rowcount
+        col = self._collection(collection, create=False)
+        if col is not None:
+            with self._remote():
+                if self.server:
+                    removed = max(removed, len(col.get(ids=ids, include=[])["ids"]))
+                col.delete(ids=ids)
+        return removed
 
     # ---- reading -------------------------------------------------------------------------------
 
     @_serialized
     def collections(self) -> list[str]:
-        return [r[0] for r in self._db.execute("SELECT DISTINCT collection FROM chunks ORDER BY collection")]
+        """Collection names this store can search (on a server, also those other machines created)."""
+        names = set(self._local_collections())
+        if self.server:
+            with self._remote():
+                names.update(c.name for c in self._client.list_collections())
+        return sorted(names)
 
     @_serialized
     def count(self, collection: str = "default") -> int:
+        """Chunks in a collection: this ledger's, or everything on the server in server mode."""
+        if self.server:
+            col = self._collection(collection, create=False)
+            with self._remote():
+                return col.count() if col is not None else 0
         return self._db.execute("SELECT count(*) FROM chunks WHERE collection=?", (collection,)).fetchone()[0]
 
     @_serialized
     def get(self, chunk_id: str) -> Hit | None:
-        row = self._db.execute("SELECT id, text, source, position, kind, meta FROM chunks WHERE id=?", (chunk_id,)).fetchone()
-        return None if row is None else Hit(row[0], row[1], row[2], row[3], row[4], 0.0, json.loads(row[5]))
+        found = self._ledger_hits([chunk_id])
+        if not found and self.server and ":" in chunk_id:
+            col = self._collection(chunk_id.split(":", 1)[0], create=False)
+            if col is not None:
+                with self._remote():
+                    result = col.get(ids=[chunk_id], include=["documents", "metadatas"])
+                found = self._server_hits(result["ids"], result["documents"], result["metadatas"])
+        return found.get(chunk_id)
 
-    def _vector_ids(self, query: str, collection: str, n: int) -> list[str]:
-        col = self._collection(collection)
-        total = col.count()
-        if not total:
-            return []
-        result = col.query(query_embeddings=[list(map(float, self.embedder([query])[0]))], n_results=min(n, total), include=[])
+    def _ledger_hits(self, ids: Sequence[str]) -> dict[str, Hit]:
+        """Chunks by id from the ledger in one query; ids it lacks are simply absent."""
+        if not ids:
+            return {}
+        rows = self._db.execute(
+            f"SELECT id, text, source, position, kind, meta FROM chunks WHERE id IN ({','.join('?' * len(ids))})", tuple(ids)
+        )
+        return {r[0]: Hit(r[0], r[1], r[2], r[3], r[4], 0.0, json.loads(r[5])) for r in rows}
+
+    @staticmethod
+    def _server_hits(ids: Sequence[str], texts: Sequence[str] | None, metas: Sequence[Mapping[str, Any]] | None) -> dict[str, Hit]:
+        """Hits built from a server's answer (texts and metadata travel with the vectors there)."""
+        hits = {}
+        for cid, text, meta in zip(ids, texts or [], metas or []):
+            meta = meta or {}
+            hits[cid] = Hit(cid, text or "", str(meta.get("source", "")), int(meta.get("position", 0)),
+                            str(meta.get("kind", "document")), 0.0, json.loads(meta.get("meta") or "{}"))
+        return hits
+
+    def _vector_ids(self, query: str, col: Any, n: int, found: dict[str, Hit]) -> list[str]:
+        embedding = [list(map(float, self.embedder([query])[0]))]
+        if not self.server:
+            return list(col.query(query_embeddings=embedding, n_results=n, include=[])["ids"][0])
+        with self._remote():
+            result = col.query(query_embeddings=embedding, n_results=n, include=["documents", "metadatas"])
+        found.update(self._server_hits(result["ids"][0], result["documents"][0], result["metadatas"][0]))
         return list(result["ids"][0])
+
+    def _exact_ids(self, query: str, col: Any, n: int, found: dict[str, Hit]) -> list[str]:
+        """Server chunks containing the query's identifier-like words verbatim, most words matched first."""
+        words = _identifiers(query)
+        if not words or col is None:
+            return []
+        variants = list(dict.fromkeys(v for w in words for v in (w, w.lower(), w.upper())))  # $contains is case-sensitive
+        where = {"$or": [{"$contains": v} for v in variants]} if len(variants) > 1 else {"$contains": variants[0]}
+        with self._remote():
+            result = col.get(where_document=where, limit=n, include=["documents", "metadatas"])
+        hits = self._server_hits(result["ids"], result["documents"], result["metadatas"])
+        found.update(hits)
+        lowered = [w.lower() for w in words]
+        matched = {cid: sum(w in hit.text.lower() for w in lowered) for cid, hit in hits.items()}
+        return sorted(matched, key=matched.__getitem__, reverse=True)
 
     def _keyword_ids(self, query: str, collection: str, n: int) -> list[str]:
         match = _fts_query(query)
@@ -383,23 +597,32 @@ class MemoryStore:
         """Top-k chunks for a query; mode is "hybrid" (RRF of vector and keyword), "vector" or "keyword"."""
         if mode not in ("hybrid", "vector", "keyword"):
             raise ValueError(f"search mode {mode!r} is not one of hybrid, vector, keyword")
-        if collection not in self.collections():
+        local = self._in_ledger(collection)
+        col = self._collection(collection, create=False) if local or self.server else None
+        if col is None and not local:
             return []
         depth = max(k * 10, 50)  # fuse from deeper lists so an item ranked low by one side can still surface
+        found: dict[str, Hit] = {}  # hits whose text came with the server's answer
         rankings = []
         # Keyword first: on equal fused scores the insertion order decides, and a keyword hit that
         # survived KEYWORD_FLOOR is a rare exact match (an ID, a name), the case vectors get wrong.
         if mode in ("hybrid", "keyword"):
-            rankings.append(self._keyword_ids(query, collection, depth))
-        if mode in ("hybrid", "vector"):
-            rankings.append(self._vector_ids(query, collection, depth))
+            exact = self._exact_ids(query, col, depth, found) if self.server else []
+            seen = set(exact)
+            rankings.append(exact + [cid for cid in self._keyword_ids(query, collection, depth) if cid not in seen])
+        if mode in ("hybrid", "vector") and col is not None:
+            rankings.append(self._vector_ids(query, col, depth, found))
         scores: dict[str, float] = {}
         for ranking in rankings:
             for rank, cid in enumerate(ranking):
                 scores[cid] = scores.get(cid, 0.0) + 1.0 / (RRF_K + rank + 1)
+        ranked = sorted(scores, key=scores.__getitem__, reverse=True)
+        # The ledger decides for local chunks (a vector whose chunk was deleted is ignored); the
+        # server's answer carries the chunks other machines wrote.
+        chunks = {**found, **self._ledger_hits([cid for cid in ranked if cid not in found])}
         hits = []
-        for cid in sorted(scores, key=scores.__getitem__, reverse=True):
-            hit = self.get(cid)  # the ledger decides: a vector whose chunk was deleted is ignored
+        for cid in ranked:
+            hit = chunks.get(cid)
             if hit is not None:
                 hits.append(Hit(hit.id, hit.text, hit.source, hit.position, hit.kind, scores[cid], hit.meta))
             if len(hits) == k:
