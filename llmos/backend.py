@@ -20,7 +20,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 from llmos.config import ModelOptions
 from llmos.gguf import GGUFInfo, ModelFileError, read_gguf
-from llmos.grammar import CALL_CLOSE, CALL_OPEN, GrammarError, parse_calls, render_call, tool_call_grammar, tools_prompt
+from llmos.grammar import CALL_CLOSE, CALL_OPEN, GrammarError, forced_text, parse_calls, render_call, tool_call_grammar, tools_prompt
 from llmos.messages import Message
 from llmos.toolbox import Tool
 
@@ -394,6 +394,21 @@ class LlamaBackend:
             if self._owner == agent:
                 self._owner = None  # its cells stay as a prefix the next agent may share
 
+    def _forced(self, grammar: _Grammar, text: str, limit: int) -> list[int]:
+        """Tokens for text the grammar forces, each accepted by it; stops at the first it rejects
+        (a tokenization the grammar does not take) so sampling carries on from there. The last
+        token is left to the model: it may merge with what follows (`: ` + `{` is ` {` in most
+        vocabularies), and a split the model never saw in training derails it."""
+        if not text:
+            return []
+        tokens = []
+        for token in self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)[:-1][: max(0, limit - CLOSE_MARGIN)]:
+            if not grammar.allows(token):
+                break
+            grammar.accept(token)
+            tokens.append(token)
+        return tokens
+
     def _sample(self, grammar: _Grammar | None, closing: bool) -> tuple[int, bool]:
         """Sample the next token; check only it against the grammar, mask the vocabulary if rejected.
 
@@ -455,8 +470,24 @@ class LlamaBackend:
                 text = ""
                 ends: list[int] = []  # length of the text after each generated token
                 new_ids: list[int] = []
-                generated, masked, stop = 0, 0, "length"
+                generated, masked, jumped, stop = 0, 0, 0, "length"
+                names = [t.name for t in tools] if tool_choice in ("auto", "required") else [tool_choice]
+                calls_only = tool_choice != "auto"
                 while generated < max_new:
+                    if grammar is not None:
+                        forced = self._forced(grammar, forced_text(text, names, calls_only), max_new - generated)
+                        if forced:
+                            for token in forced:
+                                generated += 1
+                                new_ids.append(token)
+                                piece = decoder.decode(self._piece(token))
+                                text += piece
+                                ends.append(len(text))
+                                if piece:
+                                    yield Message("assistant", piece, meta={"delta": True})
+                            jumped += len(forced)
+                            self.llm.eval(forced)  # one batch, at prefill speed
+                            continue
                     closing = grammar is not None and text.startswith(CALL_OPEN) and _must_close(text, max_new - generated)
                     token, was_masked = self._sample(grammar, closing)
                     masked += was_masked
@@ -486,7 +517,7 @@ class LlamaBackend:
         stats = {
             "prompt_tokens": len(prompt), "cached_tokens": cached, "evaluated_tokens": evaluated,
             "generated_tokens": generated, "kept_tokens": sum(1 for e in ends if e <= len(text)),
-            "masked_tokens": masked, "stop": stop,
+            "masked_tokens": masked, "jumped_tokens": jumped, "stop": stop,
             "prefill_s": round(t_first - t0, 4), "decode_s": round(decode_s, 4),
             "decode_tps": round(generated / decode_s, 2) if decode_s > 0 else None,
         }

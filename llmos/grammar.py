@@ -100,6 +100,26 @@ def tool_call_grammar(tools: Iterable[tuple[str, Mapping[str, Any]]], mode: str 
     return grammar
 
 
+CALL_HEAD = CALL_OPEN + '{"name": "'
+NAME_END = '", "arguments": '
+
+
+def forced_text(text: str, names: Iterable[str], calls_only: bool) -> str:
+    """What the turn grammar lets follow `text` in exactly one way (decoded in one batch instead
+    of token by token: "jump-forward"). The call head once a call has begun (or at the start of a
+    calls-only turn), and the rest of a tool name once only one tool name fits what was typed."""
+    if not text:
+        return CALL_HEAD if calls_only else ""
+    if len(text) < len(CALL_HEAD) and CALL_HEAD.startswith(text):
+        return CALL_HEAD[len(text):]
+    start = text.rfind(CALL_HEAD)
+    typed = text[start + len(CALL_HEAD):]
+    if start < 0 or '"' in typed:  # no call begun, or its name is complete
+        return ""
+    fits = [n for n in names if n.startswith(typed)]
+    return fits[0][len(typed):] + NAME_END if len(fits) == 1 else ""
+
+
 def tools_prompt(tools: Iterable[tuple[str, str, Mapping[str, Any]]]) -> str:
     """The system-prompt block that tells the model which tools exist and how to call them."""
     lines = ["You can call tools. The tools:", "<tools>"]

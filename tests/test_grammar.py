@@ -69,3 +69,18 @@ def test_render_and_parse_round_trip():
     text = render_call(call) + "\n" + render_call(ToolCall("other", {}))
     parsed = parse_calls(text)
     assert [(c.name, dict(c.arguments)) for c in parsed] == [("calc", {"expression": "1+1", "nested": {"a": [1, 2]}}), ("other", {})]
+
+
+def test_forced_text_is_what_the_grammar_allows_one_way():
+    from llmos.grammar import CALL_HEAD, NAME_END, forced_text
+
+    names = ["calculator", "memory_search", "memory_insert"]
+    assert forced_text("", names, calls_only=True) == CALL_HEAD
+    assert forced_text("", names, calls_only=False) == ""  # an answer is allowed too
+    assert forced_text("<tool", names, calls_only=False) == CALL_HEAD[len("<tool"):]
+    assert forced_text(CALL_HEAD, names, calls_only=False) == ""  # three names fit
+    assert forced_text(CALL_HEAD + "memory", names, calls_only=False) == ""
+    assert forced_text(CALL_HEAD + "memory_s", names, calls_only=False) == "earch" + NAME_END
+    assert forced_text(CALL_HEAD, ["calculator"], calls_only=True) == "calculator" + NAME_END
+    assert forced_text(CALL_HEAD + 'calculator", "arguments": {', names, calls_only=False) == ""
+    assert forced_text("The answer", names, calls_only=False) == ""

@@ -121,3 +121,43 @@ def test_risky_calls_ask_for_approval_with_always(llmos_home):
     finally:
         shell.ready()
         shell.close()
+
+
+def test_background_agent_from_a_task_file_listed_by_ps(shell, llmos_home):
+    import json
+    import subprocess
+    from pathlib import Path
+
+    env = {**os.environ, "LLMOS_HOME": str(llmos_home)}
+    for _ in range(60):  # the shell's agent appears once the model has loaded behind the prompt
+        ps = subprocess.run([sys.executable, "-m", "llmos", "ps", "--json"], env=env, capture_output=True, text=True, timeout=60)
+        tables = json.loads(ps.stdout)
+        if tables and tables[0]["agents"]:
+            break
+        time.sleep(0.5)
+    assert [t["command"] for t in tables] == ["shell"]
+    assert [a["name"] for a in tables[0]["agents"]] == ["shell"]
+
+    task = Path(__file__).parent.parent / "examples" / "calculator.yaml"
+    command(shell, f"/run {task} 5", "started agent calculator \\(priority 5\\)")
+    shell.expect_exact(PROMPT)
+    seen = ""
+    deadline = time.monotonic() + 240
+    while "agent calculator " not in seen or "calculator" not in seen:
+        assert time.monotonic() < deadline, seen[-2000:]
+        time.sleep(1)
+        shell.sendline("/ps")
+        shell.expect_exact(PROMPT)
+        seen += shell.before
+        if "done" in seen and ("agent calculator passed" in seen or "agent calculator checks failed" in seen):
+            break
+    assert "calculator" in seen and " 5 " in seen  # its row: name and priority
+    command(shell, "/stop nobody", "no agent 'nobody'; agents: 1 \\(shell\\), 2 \\(calculator\\)")
+    shell.expect_exact(PROMPT)
+    command(shell, "/pause calculator", "agent 2 \\(calculator\\): paused")
+    shell.expect_exact(PROMPT)
+    result = list((llmos_home / "runs").glob("calculator*/result.json"))
+    assert result and json.loads(result[0].read_text())["tools_called"] == ["calculator"]
+    shell.sendline("/exit")
+    shell.expect(pexpect.EOF)
+    assert not list((llmos_home / "run").glob("*.json"))  # the shell's table is gone with it
