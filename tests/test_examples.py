@@ -26,12 +26,27 @@ def test_quickstart_runs_with_the_default_model(tmp_path):
     assert lines[2].startswith("tool ") and lines[-1].startswith("kernel ")
 
 
-def test_readme_scripted_backend_block_runs(tmp_path):
+def run_readme_block(marker, tmp_path, check=""):
+    """A README block that uses the quickstart's @tool, run with it defined first."""
     blocks = readme_python_blocks()
     tool_part = blocks[0].split("kernel = Kernel(")[0]  # the @tool definition, without loading the model
-    code = tool_part + "\n" + blocks[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={"LLMOS_HOME": str(tmp_path)})
+    block = next(b for b in blocks if marker in b)
+    out = subprocess.run([sys.executable, "-c", tool_part + "\n" + block + "\n" + check], capture_output=True, text=True,
+                         timeout=300, env={"LLMOS_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_readme_scripted_backend_block_runs(tmp_path):
+    run_readme_block("ScriptedBackend", tmp_path)
+
+
+def test_readme_scheduler_block_runs_two_agents_on_one_model(tmp_path):
+    check = ("rows = sched.ps()\n"
+             "assert [(r['name'], r['priority'], r['state']) for r in rows] == [('writer', 1, 'done'), ('checker', 0, 'done')], rows\n"
+             "assert all(r['turns'] >= 1 and r['tokens'] > 0 for r in rows) and all(isinstance(a, str) for a in answers)\n"
+             "print('ok')")
+    assert run_readme_block("Scheduler()", tmp_path, check).strip().endswith("ok")
 
 
 import functools
