@@ -239,3 +239,26 @@ def test_publisher_removes_its_file(tmp_path, monkeypatch):
     assert [t["agents"][0]["name"] for t in running_tables()] == ["x"]
     pub.close()
     assert running_tables() == []
+
+
+def test_a_hung_tool_stalls_only_its_agent(tmp_path):
+    release = threading.Event()
+
+    @tool(timeout=5.0)
+    def hang() -> str:
+        """Never returns in time."""
+        release.wait(30)
+        return "late"
+
+    sched = Scheduler()
+    stuck = Kernel(ScriptedBackend([call("hang"), "gave up"]), tools=[hang], trace=tmp_path, scheduler=sched, name="stuck")
+    busy = Kernel(ScriptedBackend([call("slow", seconds=s) for s in (0.0, 0.01, 0.02)] + ["busy done"]), tools=[slow], trace=tmp_path,
+                  scheduler=sched, name="busy")
+    ps = sched.start(stuck, "go")
+    wait_until(lambda: ps.state == "waiting", "stuck in its tool")
+    pb = sched.start(busy, "go")
+    pb.wait(10)
+    assert pb.state == "done" and stuck.process.state == "waiting"  # four turns decoded meanwhile
+    messages = ps.wait(30)  # the hung call is cut off at its limit and the agent carries on
+    release.set()
+    assert any(m.role == "tool" and "timed out" in m.content for m in messages) and ps.state == "done"
