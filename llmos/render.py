@@ -99,12 +99,17 @@ def tools_table(tools: Iterable[Any]) -> None:
 
 
 def agents_table(rows: list[dict[str, Any]], title: str | None = None) -> None:
-    """A process table: one row per agent (see Scheduler.ps)."""
-    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
-    for column in ("ID", "NAME", "PRI", "STATE", "STEPS", "TOKENS", "TURNS", "AGE", "BUDGET", "NOTE"):
-        table.add_column(column, justify="right" if column in ("ID", "PRI", "STEPS", "TOKENS", "TURNS", "AGE") else "left")
+    """A process table, one line per agent, cut to the terminal's width (`--json` has every field)."""
+    def cut(text: str, width: int) -> str:
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    units = {"steps": " steps", "tokens": " tok", "seconds": "s"}
+    lines = [f"{'ID':>3} {'NAME':14} {'PRI':>3} {'STATE':8} {'STEPS':>5} {'TOKENS':>7} {'AGE':>5}  {'BUDGET':18} NOTE"]
     for r in rows:
-        budget = ", ".join(f"{v:g} {k}" for k, v in r.get("budget", {}).items())
-        table.add_row(str(r["id"]), r["name"], str(r["priority"]), r["state"], str(r["steps"]), str(r["tokens"]),
-                      str(r["turns"]), f"{r['age_s']:.0f}s", budget, _short(r.get("note") or "", 60))
-    out.print(table)
+        budget = " ".join(f"{v:g}{units.get(k, ' ' + k)}" for k, v in r.get("budget", {}).items())
+        lines.append(f"{r['id']:>3} {cut(r['name'], 14):14} {r['priority']:>3} {r['state']:8} {r['steps']:>5} {r['tokens']:>7} "
+                     f"{r['age_s']:>4.0f}s  {cut(budget, 18):18} {' '.join((r.get('note') or '').split())}")
+    if title:
+        out.print(title, markup=False)
+    for line in lines:
+        out.print(cut(line, max(out.width, 60)), markup=False, soft_wrap=True)

@@ -25,6 +25,9 @@ from typing import Any, Callable, Iterator
 STATES = ("idle", "ready", "running", "waiting", "done", "failed", "stopped")
 
 
+_PIDS = itertools.count(1)  # agent ids are unique in the OS process, across schedulers (one per model)
+
+
 class NoSuchAgent(KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
@@ -79,7 +82,6 @@ class Scheduler:
 
     def __init__(self, on_change: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
         self._cond = threading.Condition()
-        self._pids = itertools.count(1)
         self._tickets = itertools.count(1)
         self._table: dict[int, Process] = {}
         self._holder: Process | None = None
@@ -88,7 +90,7 @@ class Scheduler:
     # ---- the table -----------------------------------------------------------------------------
     def spawn(self, name: str, *, priority: int = 0, stop: threading.Event | None = None, **budgets: Any) -> Process:
         with self._cond:
-            proc = Process(next(self._pids), name, priority, stop=stop or threading.Event(), **budgets)
+            proc = Process(next(_PIDS), name, priority, stop=stop or threading.Event(), **budgets)
             self._table[proc.pid] = proc
             self._changed()
         return proc
