@@ -74,6 +74,9 @@ class MiniLMEmbedder:
         tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the batch's longest, not to 128
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
+        # Idle onnxruntime threads spin by default, burning the cores llama.cpp decodes on; measured
+        # here with another process busy: one-query embedding p50 19.7 ms spinning, 10.7 ms not.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self._threads:
             options.intra_op_num_threads = self._threads
         try:

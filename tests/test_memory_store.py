@@ -100,6 +100,14 @@ def test_hybrid_finds_exact_identifier_that_vectors_rank_low(store):
     assert store.search('weird "quote (paren) AND* NEAR -x ^', k=1)  # FTS5 syntax in a query is just text
 
 
+def test_keyword_search_keeps_rare_words_and_a_lone_common_one(store):
+    filler = [f"Payment {i} was approved by the bank and settled the next day." for i in range(40)]
+    store.add(filler + ["Payment 99 bounced: the card ZX81Q was reported stolen."])
+    # "payment", "the", "was" are in every chunk; the rare words decide
+    assert store.search("was the payment with card zx81q stolen", k=1, mode="keyword")[0].text.endswith("stolen.")
+    assert len(store.search("payment", k=5, mode="keyword")) == 5  # a query of only common words still matches
+
+
 def test_second_process_gets_in_use_error_quickly(store):
     start = time.monotonic()
     out = run_py(
