@@ -29,8 +29,11 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def backend_for(task: Task, cache: dict[str, Any]) -> Any:
-    """One loaded model per distinct model section, shared by the tasks that ask for it."""
-    key = task.model.model_dump_json()
+    """One loaded model per distinct way of loading it (path, context, offload, threads, template),
+    shared by the tasks that ask for it; sampling settings are each agent's own."""
+    from llmos.backend import SAMPLING
+
+    key = task.model.model_copy(update={k: None for k in SAMPLING}).model_dump_json()
     if key not in cache:
         from llmos.backend import LlamaBackend
 
@@ -82,7 +85,7 @@ def run_task(
         ingested = {"files": report.files, "chunks": report.chunks, "duplicates": report.duplicates, "skipped": report.skipped}
         on_message(Message("kernel", f"ingested {report.files} files: {report.chunks} new chunks, {report.duplicates} already stored",
                            meta={"event": "ingest", **ingested}))
-    kernel = Kernel(backend, tools, system=task.system, max_steps=task.budget.max_steps,
+    kernel = Kernel(backend, tools, system=task.system, max_steps=task.budget.max_steps, options=task.model,
                     trace=folder / "trace.jsonl", max_seconds=task.budget.max_seconds,
                     memory=store, recall=task.memory.recall, collection=task.memory.collection,
                     name=name or task.name or task_path.stem, stop=stop, scheduler=scheduler,

@@ -36,11 +36,15 @@ class Backend(Protocol):
     `turn` yields streamed pieces as `Message(role="assistant", meta={"delta": True})` and ends
     with the complete assistant Message (text, or tool calls with parsed arguments).
     tool_choice: "auto" | "required" | "none" | a tool name. agent: whose conversation this is
-    (several agents may share one backend; each keeps its own cached context).
+    (several agents may share one backend; each keeps its own cached context). options: the
+    agent's sampling settings (temperature, top_p, top_k, seed, max_tokens), if not the backend's.
     """
 
     def turn(self, messages: Sequence[Message], tools: Sequence[Tool], tool_choice: str = "auto",
-             agent: str = "main") -> Iterator[Message]: ...
+             agent: str = "main", options: ModelOptions | None = None) -> Iterator[Message]: ...
+
+
+SAMPLING = ("temperature", "top_p", "top_k", "seed", "max_tokens")  # per agent; the other options load the model
 
 
 def available_cores() -> int:
@@ -242,7 +246,8 @@ class LlamaBackend:
             bos_token=tokens("tokenizer.ggml.bos_token_id"),
         )
         self.bos_text = tokens("tokenizer.ggml.bos_token_id")
-        self.sampler = self._make_sampler()
+        self._samplers: dict[tuple, Any] = {}  # one llama.cpp sampler chain per sampling setting
+        self.sampler = self._sampler_for(options)
         self.last: dict[str, Any] = {}
         self._tool_role = True  # cleared when the chat template rejects tool messages
         self._owner: str | None = None  # the agent whose conversation is in the KV cache
@@ -254,8 +259,14 @@ class LlamaBackend:
         self._context: tuple[str, list[int]] = ("", [])
 
     # -- helpers --------------------------------------------------------------------------
-    def _make_sampler(self) -> Any:
-        lc, o = self.lc, self.options
+    def _sampler_for(self, o: ModelOptions) -> Any:
+        key = (o.temperature, o.top_p, o.top_k, o.seed)
+        if key not in self._samplers:
+            self._samplers[key] = self._make_sampler(o)
+        return self._samplers[key]
+
+    def _make_sampler(self, o: ModelOptions) -> Any:
+        lc = self.lc
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         if o.temperature <= 0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
@@ -447,18 +458,21 @@ class LlamaBackend:
 
     # -- one turn -------------------------------------------------------------------------
     def turn(self, messages: Sequence[Message], tools: Sequence[Tool], tool_choice: str = "auto",
-             agent: str = "main") -> Iterator[Message]:
+             agent: str = "main", options: ModelOptions | None = None) -> Iterator[Message]:
         """Decode one assistant turn under the turn grammar, yielding deltas then the message.
 
         `agent` names whose conversation this is: when it differs from the last turn's, that
         agent's KV cache is saved and this one's restored, so neither re-reads its context.
+        `options` (its sampling fields only) replace the backend's own for this turn.
         """
+        opts = options or self.options
         grammar_text = self.grammar_for(tools, tool_choice)
         prompt_text = self.render(messages, tools)
         with self._lock:
             self._switch_to(agent)
+            self.sampler = self._sampler_for(opts)
             prompt = self._tokens_for(prompt_text)
-            max_new = min(self.options.max_tokens, self.n_ctx - len(prompt))
+            max_new = min(opts.max_tokens, self.n_ctx - len(prompt))
             if max_new <= 0:
                 raise ContextFull(f"prompt is {len(prompt)} tokens; the context window holds {self.n_ctx}")
             grammar = _Grammar(self.lc, self.vocab, grammar_text, self.n_vocab) if grammar_text else None
@@ -536,9 +550,9 @@ class LlamaBackend:
 
             shutil.rmtree(self._spill_dir, ignore_errors=True)
             self._spill_dir = None
-        if getattr(self, "sampler", None):
-            self.lc.llama_sampler_free(self.sampler)
-            self.sampler = None
+        for chain in getattr(self, "_samplers", {}).values():
+            self.lc.llama_sampler_free(chain)
+        self._samplers, self.sampler = {}, None
         if getattr(self, "llm", None) is not None:
             self.llm.close()
             self.llm = None

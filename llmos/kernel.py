@@ -71,6 +71,9 @@ class Kernel:
         priority: int = 0,
         max_tokens: int | None = None,
     ) -> None:
+        # options: with a path (or none), how to load and sample the model; with a shared backend,
+        # this agent's sampling settings (temperature, top_p, top_k, seed, max_tokens)
+        self.options = None
         if model is None or isinstance(model, (str, Path)):
             from llmos.backend import LlamaBackend
 
@@ -78,6 +81,8 @@ class Kernel:
             if model is not None:
                 opts = opts.model_copy(update={"path": str(model)})
             model = LlamaBackend(opts)
+        elif options is not None:
+            self.options = options
         if max_steps < 1:
             raise ValueError("max_steps must be at least 1")
         self.backend: Backend = model
@@ -127,6 +132,10 @@ class Kernel:
             self.trace.write(message)
         return message
 
+    def _who(self) -> dict[str, Any]:
+        """The backend's per-agent arguments: whose cache, and its own sampling settings if any."""
+        return {"agent": self.key, "options": self.options} if self.options is not None else {"agent": self.key}
+
     def _with_recall(self, prompt: str) -> Message:
         """The user turn, with the store's best pages for it attached as untrusted data (if enabled).
         They ride on the new message, at the end of the window, so the cached prefix stays valid."""
@@ -149,7 +158,7 @@ class Kernel:
         reply = None
         try:
             with self.scheduler.turn(self.process):
-                for reply in self.backend.turn(self.window.view() + [ask], list(self.tools), "none", agent=self.key):
+                for reply in self.backend.turn(self.window.view() + [ask], list(self.tools), "none", **self._who()):
                     pass
         except ContextFull:
             return ""  # the window falls back to its deterministic summary
@@ -165,7 +174,7 @@ class Kernel:
         while True:
             try:
                 with self.scheduler.turn(self.process):
-                    for msg in self.backend.turn(self.window.view(), list(self.tools), tool_choice, agent=self.key):
+                    for msg in self.backend.turn(self.window.view(), list(self.tools), tool_choice, **self._who()):
                         if not msg.is_delta or stream:
                             yield msg
                 return
@@ -264,7 +273,7 @@ class Kernel:
         msgs = [m if isinstance(m, Message) else Message.from_dict(m) for m in messages]
         reply = None
         with self.scheduler.turn(self.process):
-            for msg in self.backend.turn(msgs, [as_tool(t) for t in tools], tool_choice, agent=self.key):
+            for msg in self.backend.turn(msgs, [as_tool(t) for t in tools], tool_choice, **self._who()):
                 if not msg.is_delta:
                     reply = msg
         assert reply is not None

@@ -75,3 +75,27 @@ def test_agents_in_threads_share_the_model_and_tools_run_meanwhile(tmp_path):
         assert [r["state"] for r in rows] == ["done"] * 3 and all(r["turns"] >= 2 and r["tokens"] > 0 for r in rows)
     finally:
         shared.close()
+
+
+def test_tasks_share_a_model_when_only_sampling_differs(tmp_path):
+    from llmos.agent import backend_for
+    from llmos.task import Task
+
+    cache = {}
+    short = Task(goal="a", model={"max_tokens": 8, "temperature": 0, "gpu_layers": 0, "n_ctx": 1024})
+    long = Task(goal="b", model={"max_tokens": 64, "temperature": 0.7, "gpu_layers": 0, "n_ctx": 1024})
+    wider = Task(goal="c", model={"max_tokens": 8, "gpu_layers": 0, "n_ctx": 2048})
+    try:
+        shared = backend_for(short, cache)
+        assert backend_for(long, cache) is shared
+        assert backend_for(wider, cache) is not shared  # a different context size is a different load
+        # each agent's own sampling settings apply on the shared model
+        terse = Kernel(shared, trace=tmp_path, name="terse", options=short.model)
+        chatty = Kernel(shared, trace=tmp_path, name="chatty", options=long.model.model_copy(update={"temperature": 0.0}))
+        prompt = "Write a long poem about the sea."
+        stats_terse = [m.meta["stats"] for m in terse.run(prompt) if m.role == "assistant"][-1]
+        stats_chatty = [m.meta["stats"] for m in chatty.run(prompt) if m.role == "assistant"][-1]
+        assert stats_terse["generated_tokens"] <= 8 < stats_chatty["generated_tokens"] <= 64
+    finally:
+        for backend in cache.values():
+            backend.close()
