@@ -387,7 +387,8 @@ class MemoryStore:
         """Make the vector index agree with the ledger after a crash or a switch of index (folder <-> server)."""
         target = self.server or LOCAL_INDEX
         row = self._db.execute("SELECT value FROM meta WHERE key='index'").fetchone()
-        switched = row is not None and row[0] != target  # 'indexed' flags describe the previous index
+        # 'indexed' flags describe the previous index; stores from before server mode were local.
+        switched = (row[0] if row else LOCAL_INDEX) != target
         for name in self._local_collections():
             col = self._collection(name)
             ledger_ids = {r[0] for r in self._db.execute("SELECT id FROM chunks WHERE collection=?", (name,))}
@@ -412,8 +413,10 @@ class MemoryStore:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('index', ?)", (target,))
 
     def _mark_unindexed(self, ids: set[str]) -> None:
-        if ids:
-            self._db.execute(f"UPDATE chunks SET indexed=0 WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))
+        ordered = sorted(ids)
+        for start in range(0, len(ordered), 900):  # SQLite caps the variables of one statement
+            part = ordered[start : start + 900]
+            self._db.execute(f"UPDATE chunks SET indexed=0 WHERE id IN ({','.join('?' * len(part))})", part)
 
     def _index_pending(self, collection: str, batch: int = 256) -> None:
         while True:

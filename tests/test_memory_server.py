@@ -1,6 +1,7 @@
 """Memory shared through a real Chroma server (`chroma run` on 127.0.0.1, started here) by stores in different folders."""
 
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -90,6 +91,8 @@ def test_two_machines_share_one_memory_through_the_server(server, tmp_path):
 def test_local_writes_reach_a_server_configured_later(server, tmp_path):
     with MemoryStore(tmp_path / "mem", default_embedder()) as local:
         local.add(["The printer on the third floor jams when paper is damp."], collection="switched")
+    with sqlite3.connect(tmp_path / "mem" / "ledger.sqlite3") as db:
+        db.execute("DELETE FROM meta WHERE key='index'")  # as in a store made before server mode existed
     # The same folder now pointed at a server: chunks indexed only locally are sent there on open.
     with MemoryStore(tmp_path / "mem", default_embedder(), server=server):
         pass
