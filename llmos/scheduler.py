@@ -247,7 +247,7 @@ class Publisher:
 
     def __init__(self, command: str) -> None:
         self.path = run_dir() / f"{os.getpid()}.json"
-        self.info = {"pid": os.getpid(), "command": command, "started": time.time()}
+        self.info = {"pid": os.getpid(), "command": command, "started": time.time(), "start_ticks": _start_ticks(os.getpid())}
         self._tables: dict[int, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
@@ -272,6 +272,27 @@ class Publisher:
         self.path.unlink(missing_ok=True)
 
 
+def _start_ticks(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, Linux); None where /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: int | None) -> bool:
+    """Whether the process that wrote a table still runs (a PID can be reused after a crash)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    now = _start_ticks(pid)
+    return started is None or now is None or now == started
+
+
 def running_tables() -> list[dict[str, Any]]:
     """The published tables of live llmos processes (files of dead ones are removed)."""
     tables = []
@@ -281,12 +302,8 @@ def running_tables() -> list[dict[str, Any]]:
             pid = int(data["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # being replaced, or not ours
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            file.unlink(missing_ok=True)
+        if not _alive(pid, data.get("start_ticks")):
+            file.unlink(missing_ok=True)  # its process died without cleaning up (kill -9, power loss)
             continue
-        except PermissionError:
-            pass  # alive, another user's
         tables.append(data)
     return tables

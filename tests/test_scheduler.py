@@ -262,3 +262,19 @@ def test_a_hung_tool_stalls_only_its_agent(tmp_path):
     messages = ps.wait(30)  # the hung call is cut off at its limit and the agent carries on
     release.set()
     assert any(m.role == "tool" and "timed out" in m.content for m in messages) and ps.state == "done"
+
+
+def test_ps_drops_tables_of_processes_that_died_or_were_replaced(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path))
+    other = subprocess.Popen(["sleep", "30"])  # alive, but started after the table was written: a reused PID
+    try:
+        (tmp_path / "run").mkdir()
+        for pid in (other.pid, 2**22 + 12345):
+            table = {"pid": pid, "command": "shell", "agents": [], "start_ticks": 1}
+            (tmp_path / "run" / f"{pid}.json").write_text(json.dumps(table))
+        (tmp_path / "run" / "junk.json").write_text("{not json")
+        assert running_tables() == []
+        assert [f.name for f in (tmp_path / "run").iterdir()] == ["junk.json"]  # not ours to delete
+    finally:
+        other.kill()
+        other.wait()
