@@ -110,6 +110,8 @@ def forced_text(text: str, names: Iterable[str], calls_only: bool) -> str:
     calls-only turn), and the rest of a tool name once only one tool name fits what was typed."""
     if not text:
         return CALL_HEAD if calls_only else ""
+    if text[0] != "<":
+        return ""  # an answer: everything after its first character is free text
     if len(text) < len(CALL_HEAD) and CALL_HEAD.startswith(text):
         return CALL_HEAD[len(text):]
     start = text.rfind(CALL_HEAD)

@@ -330,13 +330,11 @@ class Shell:
         if not arg or not self.ready():
             out.print("usage: /save FILE")
             return
-        from llmos.agent import write_json
+        from llmos.agent import write_atomic
 
         path = Path(arg).expanduser()
         lines = [m.to_dict() for m in self.kernel.messages]
-        tmp = path.with_suffix(path.suffix + ".part")
-        tmp.write_text("".join(json.dumps(l, default=str) + "\n" for l in lines), encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, "".join(json.dumps(l, default=str) + "\n" for l in lines))
         out.print(f"saved {len(lines)} messages to {path}")
 
     def _load_file(self, arg: str) -> None:

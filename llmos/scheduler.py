@@ -112,14 +112,6 @@ class Scheduler:
                 raise NoSuchAgent(f"no agent {text!r}; agents: {known}")
             return named[-1]
 
-    def remove(self, key: int | str | Process) -> None:
-        """Drop an agent from the table (a finished one; a running one is stopped first)."""
-        proc = key if isinstance(key, Process) else self.get(key)
-        proc.stop.set()
-        with self._cond:
-            self._table.pop(proc.pid, None)
-            self._changed()
-
     def set_state(self, proc: Process, state: str, note: str | None = None) -> None:
         assert state in STATES, state
         with self._cond:

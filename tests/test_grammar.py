@@ -84,3 +84,4 @@ def test_forced_text_is_what_the_grammar_allows_one_way():
     assert forced_text(CALL_HEAD, ["calculator"], calls_only=True) == "calculator" + NAME_END
     assert forced_text(CALL_HEAD + 'calculator", "arguments": {', names, calls_only=False) == ""
     assert forced_text("The answer", names, calls_only=False) == ""
+    assert forced_text("Write " + CALL_HEAD + "memory_s", names, calls_only=False) == ""  # inside an answer: free text
