@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from llmos import Kernel, tool
-from llmos.backend import LlamaBackend
-from llmos.config import ModelOptions
+from llmos.config import ModelConfig, Sampling
+from llmos.llama import LlamaBackend
 from llmos.messages import Message, ToolCall
 from llmos.scheduler import Scheduler
 from llmos.toolbox import Toolbox
@@ -37,17 +37,17 @@ def switch_cost(backend: LlamaBackend, tokens: int, spill: Path) -> dict:
     text = ("The keeper climbed the stairs and lit the lamp. " * (tokens // 10))[: tokens * 5]
     messages = [Message("user", text)]
     prompt = backend._tokens_for(backend.render(messages, []))
-    backend._switch_to("x")
+    backend._context = backend.kv.switch("x", backend._context)
     backend.llm.n_tokens = 0
     t0 = time.perf_counter()
     backend.llm.eval(prompt)
     prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
-    state = backend._save_state()
+    state = backend.kv.save(backend._context)
     save = time.perf_counter() - t0
     backend.llm.n_tokens = 0
     t0 = time.perf_counter()
-    ok = backend._load_state(state)
+    ok = backend.kv.load(state)
     restore = time.perf_counter() - t0
     # the same state spilled to disk (what happens beyond model.kv_ram_mb), then restored from the file
     t0 = time.perf_counter()
@@ -55,7 +55,7 @@ def switch_cost(backend: LlamaBackend, tokens: int, spill: Path) -> dict:
     spill_s = time.perf_counter() - t0
     backend.llm.n_tokens = 0
     t0 = time.perf_counter()
-    ok_disk = backend._load_state(state)
+    ok_disk = backend.kv.load(state)
     restore_disk = time.perf_counter() - t0
     state.drop()
     return {"context_tokens": len(prompt), "prefill_s": round(prefill, 3), "save_s": round(save, 4),
@@ -68,7 +68,7 @@ def switch_cost(backend: LlamaBackend, tokens: int, spill: Path) -> dict:
 def throughput(backend: LlamaBackend, tmp: Path) -> dict:
     """The same 4 agents one after another, then at once through one scheduler."""
     def agent(i: int, scheduler: Scheduler | None = None) -> dict:
-        k = Kernel(backend, tools=[wait_for_data], trace=tmp, name=f"agent{i}", max_steps=3, scheduler=scheduler)
+        k = Kernel(backend, tools=[wait_for_data], trace=tmp, config={"agent": {"name": f"agent{i}"}, "budget": {"steps": 3}}, scheduler=scheduler)
         stats = [m.meta["stats"] for m in k.run(f"Agent {i}: get the reading from the slow data source.",
                                                  tool_choice="wait_for_data") if m.role == "assistant" and not m.is_delta]
         backend.forget(k.key)
@@ -103,7 +103,7 @@ def parallel_tools() -> dict:
 
 
 def main() -> None:
-    backend = LlamaBackend(ModelOptions(gpu_layers=0, n_ctx=8192, max_tokens=48))
+    backend = LlamaBackend(ModelConfig(gpu_layers=0, n_ctx=8192), Sampling(max_tokens=48))
     with tempfile.TemporaryDirectory() as tmp:
         result = {
             "switch_cost": [switch_cost(backend, 1000, Path(tmp)), switch_cost(backend, 4000, Path(tmp))],

@@ -60,7 +60,7 @@ def main() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/"
     with tempfile.TemporaryDirectory(prefix="llmos-bench-") as tmp:
-        browser = Browser(ToolContext.under(Path(tmp), allow_domains=("127.0.0.1",)))
+        browser = Browser(ToolContext.under(Path(tmp), browser={"allow_domains": ["127.0.0.1"]}))
         tool = browser.tool
         try:
             cold = timed(tool, action="open", url=url)

@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from llmos.backend import LlamaBackend, available_cores
-from llmos.config import ModelOptions
+from llmos.config import ModelConfig, Sampling
+from llmos.llama import LlamaBackend, available_cores
 from llmos.messages import Message
 from llmos.toolbox import tool
 
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps of the tool loop")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of each speed comparison")
     args = parser.parse_args()
-    backend = LlamaBackend(ModelOptions(gpu_layers=0, temperature=0.0, max_tokens=args.tokens))
+    backend = LlamaBackend(ModelConfig(gpu_layers=0), Sampling(temperature=0.0, max_tokens=args.tokens))
     result = {"model": str(backend.path), "threads": available_cores(), "n_ctx": backend.n_ctx}
     result["overhead"] = overhead(backend, args.tokens, args.rounds)
     result["grammar_tax"] = grammar_tax(backend, args.rounds)

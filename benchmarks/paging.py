@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 from llmos import Kernel
-from llmos.backend import LlamaBackend
-from llmos.config import ModelOptions
+from llmos.config import ModelConfig, Sampling
+from llmos.llama import LlamaBackend
+from llmos.memory.window import Memory
 
 
 def main() -> None:
@@ -27,13 +28,13 @@ def main() -> None:
     args = parser.parse_args()
     from llmos.memory.store import MemoryStore
 
-    backend = LlamaBackend(ModelOptions(gpu_layers=0, n_ctx=args.n_ctx, max_tokens=48))
+    backend = LlamaBackend(ModelConfig(gpu_layers=0, n_ctx=args.n_ctx), Sampling(max_tokens=48))
     with tempfile.TemporaryDirectory() as tmp:
         store = MemoryStore(Path(tmp) / "memory")
-        kernel = Kernel(backend, tools=[], trace=Path(tmp), memory=store)
+        kernel = Kernel(backend, tools=[], trace=Path(tmp), memory=Memory(store))
         # system prompt + tools block, rendered alone (this count includes the template's few
         # generation-prompt tokens, which a longer prompt does not share)
-        prefix = backend.count([kernel.window.view()[0]], list(kernel.tools))
+        prefix = backend.count([kernel.memory.view()[0]], list(kernel.tools))
         filler = "Tell me about the history of lighthouses and ships at sea, in detail. " * 3
         result: dict = {"n_ctx": args.n_ctx, "stable_prefix_tokens": prefix}
         for turn in range(1, 30):

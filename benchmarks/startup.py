@@ -45,10 +45,10 @@ def shell_prompt(home: str) -> None:
 
 
 def model_load() -> None:
-    from llmos.backend import LlamaBackend
-    from llmos.config import ModelOptions
+    from llmos.config import ModelConfig
+    from llmos.llama import LlamaBackend
 
-    LlamaBackend(ModelOptions(gpu_layers=0)).close()
+    LlamaBackend(ModelConfig(gpu_layers=0)).close()
 
 
 def main() -> None:

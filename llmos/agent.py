@@ -32,77 +32,42 @@ def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, default=str))
 
 
-def backend_for(task: Task, cache: dict[str, Any]) -> Any:
-    """One loaded model per distinct way of loading it (path, context, offload, threads, template),
-    shared by the tasks that ask for it; sampling settings are each agent's own."""
-    from llmos.backend import SAMPLING
+def prepare(task: Task, task_path: Path, resources: Any, runs_dir: Path, name: str | None = None,
+            approve: Callable[[Any], bool] | None = None) -> tuple[Any, Path]:
+    """The kernel for one task, built on shared resources, and the run's artifacts folder."""
+    from llmos.build import build
 
-    key = task.model.model_copy(update={k: None for k in SAMPLING}).model_dump_json()
-    if key not in cache:
-        from llmos.backend import LlamaBackend
-
-        cache[key] = LlamaBackend(task.model)
-    return cache[key]
-
-
-def store_for(task: Task, task_path: Path, cache: dict[str, Any]) -> Any:
-    """The task's memory store (one per folder per process: a store has a single writer)."""
-    if not task.memory.enabled:
-        return None
-    from llmos.memory.store import MemoryStore, default_path
-
-    folder = (task_path.parent / Path(task.memory.store).expanduser()).resolve() if task.memory.store else default_path()
-    if str(folder) not in cache:
-        cache[str(folder)] = MemoryStore(folder, server=task.memory.server)
-    return cache[str(folder)]
-
-
-def run_task(
-    task: Task,
-    task_path: Path,
-    runs_dir: Path,
-    backend: Any,
-    on_message: Callable[[Message], None] = lambda m: None,
-    store: Any = None,
-    name: str | None = None,
-    stop: Any = None,
-    scheduler: Any = None,
-) -> dict[str, Any]:
-    """Run one task to its end (or interruption) and return the result that result.json holds."""
-    from llmos.kernel import Kernel
-    from llmos.tools import ToolContext, load_builtin
-
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder = artifacts_dir(task, task_path, runs_dir, stamp)
+    name = name or task.agent.name or task_path.stem
+    task = task.model_copy(update={"agent": task.agent.model_copy(update={"name": name})})
+    folder = artifacts_dir(task, task_path, runs_dir, time.strftime("%Y%m%d-%H%M%S"))
     folder.mkdir(parents=True, exist_ok=True)
-    ctx = ToolContext(
-        artifacts=folder, workspace=folder / "workspace",
-        allow_domains=tuple(task.tools.allow_domains), unsandboxed_python=task.tools.python_unsandboxed,
-        file_roots=tuple((task_path.parent / Path(r).expanduser()).resolve() for r in task.tools.file_roots),
-    )
-    tools = [load_builtin(name, ctx) for name in dict.fromkeys(task.tools.enabled)]
-    ingested = None
-    if store is not None and task.memory.documents:
-        from llmos.memory.ingest import ingest
+    kernel = build(task, resources=resources, base=task_path.parent, artifacts=folder, trace=folder / "trace.jsonl",
+                   approve=approve)
+    return kernel, folder
 
-        report = ingest(store, [task_path.parent / d for d in task.memory.documents], collection=task.memory.collection)
-        ingested = {"files": report.files, "chunks": report.chunks, "duplicates": report.duplicates, "skipped": report.skipped}
-        on_message(Message("kernel", f"ingested {report.files} files: {report.chunks} new chunks, {report.duplicates} already stored",
-                           meta={"event": "ingest", **ingested}))
-    kernel = Kernel(backend, tools, system=task.system, max_steps=task.budget.max_steps, options=task.model,
-                    trace=folder / "trace.jsonl", max_seconds=task.budget.max_seconds,
-                    memory=store, recall=task.memory.recall, collection=task.memory.collection,
-                    name=name or task.name or task_path.stem, stop=stop, scheduler=scheduler,
-                    priority=task.priority, max_tokens=task.budget.max_tokens)
-    kernel.window.budget.warn, kernel.window.budget.limit = task.memory.warn, task.memory.limit
-    result: dict[str, Any] = {"task": str(task_path), "name": task.name or task_path.stem, "artifacts": str(folder),
-                              "trace": str(kernel.trace.path), "status": "running", "ingested": ingested}
+
+def run_task(task: Task, task_path: Path, kernel: Any, folder: Path,
+             on_message: Callable[[Message], None] = lambda m: None) -> dict[str, Any]:
+    """Run one task to its end (or interruption) on its kernel and return what result.json holds.
+    The kernel is closed at the end (its tools and cached state; shared resources stay)."""
+    ingested = None
+    store = kernel.memory.store
+    result: dict[str, Any] = {"task": str(task_path), "name": kernel.name, "artifacts": str(folder),
+                              "trace": str(kernel.trace.path), "status": "running", "ingested": None}
     answer, exit_reason, steps, called = "", None, 0, set()
     tokens = {"prompt": 0, "evaluated": 0, "generated": 0}
     t0 = time.perf_counter()
     first_token_s = None
     try:
-        for message in kernel.run(task.prompt(), stream=True, tool_choice=task.tools.tool_choice):
+        if store is not None and task.memory.documents:
+            from llmos.memory.ingest import ingest
+
+            report = ingest(store, [task_path.parent / d for d in task.memory.documents], collection=task.memory.collection)
+            ingested = {"files": report.files, "chunks": report.chunks, "duplicates": report.duplicates, "skipped": report.skipped}
+            result["ingested"] = ingested
+            on_message(Message("kernel", f"ingested {report.files} files: {report.chunks} new chunks, {report.duplicates} already stored",
+                               meta={"event": "ingest", **ingested}))
+        for message in kernel.run(task.prompt(), stream=True):
             if message.is_delta and first_token_s is None:
                 first_token_s = time.perf_counter() - t0
             on_message(message)
@@ -117,17 +82,12 @@ def run_task(
                 if not message.tool_calls:
                     answer = message.content
             if message.role == "kernel" and message.meta.get("exit"):
-                exit_reason, steps = message.meta["exit"], message.meta.get("steps", 0)
-        result["status"] = "finished"
+                exit_reason, steps = message.meta["exit"], message.meta.get("steps") or 0
+        result["status"] = "interrupted" if exit_reason == "stopped" else "finished"
     except KeyboardInterrupt:
         result["status"] = "interrupted"
     finally:
-        for t in tools:
-            if t.close is not None:
-                t.close()
-        forget = getattr(backend, "forget", None)
-        if forget is not None:
-            forget(kernel.key)  # free this agent's saved KV state
+        kernel.close()
         checks = run_checks(task, answer, called, folder) if result["status"] == "finished" else []
         result.update({
             "answer": answer, "exit": exit_reason, "steps": steps, "tools_called": sorted(called),
@@ -146,12 +106,11 @@ def exit_code(result: dict[str, Any]) -> int:
 
 
 def run_concurrently(jobs: list[dict[str, Any]], on_message: Callable[[str, Message], None]) -> list[dict[str, Any]]:
-    """Run several tasks as agents on threads. Jobs that share a model should share a scheduler
-    (job["scheduler"]): their turns go by priority, then round-robin, each agent's KV cache kept;
-    tool calls run meanwhile. Ctrl-C stops them all; results come back in order."""
+    """Run several prepared tasks (run_task's arguments) as agents on threads. Kernels that share a
+    model share a scheduler: their turns go by priority, then round-robin, each agent's KV cache
+    kept; tool calls run meanwhile. Ctrl-C stops them all; results come back in order."""
     import threading
 
-    stops = [threading.Event() for _ in jobs]
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     # Completion is signalled with events, not Thread.join: a KeyboardInterrupt landing inside
     # join() can leave the thread looking finished while it is still writing its result.
@@ -159,12 +118,12 @@ def run_concurrently(jobs: list[dict[str, Any]], on_message: Callable[[str, Mess
 
     def work(i: int, job: dict[str, Any]) -> None:
         try:
-            results[i] = run_task(**job, on_message=lambda m: on_message(job["name"], m), stop=stops[i])
+            results[i] = run_task(**job, on_message=lambda m: on_message(job["kernel"].name, m))
         finally:
             done[i].set()
 
     for i, job in enumerate(jobs):
-        threading.Thread(target=work, args=(i, job), name=job["name"], daemon=True).start()
+        threading.Thread(target=work, args=(i, job), name=job["kernel"].name, daemon=True).start()
 
     def wait_all() -> None:
         for event in done:
@@ -174,7 +133,7 @@ def run_concurrently(jobs: list[dict[str, Any]], on_message: Callable[[str, Mess
     try:
         wait_all()
     except KeyboardInterrupt:
-        for event in stops:
-            event.set()
+        for job in jobs:
+            job["kernel"].stop.set()
         wait_all()
     return [r for r in results if r is not None]

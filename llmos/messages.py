@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, Mapping
 
@@ -89,3 +91,34 @@ class Message:
             tool_calls=tuple(ToolCall.from_dict(c) for c in data.get("tool_calls") or ()),
             meta=meta,
         )
+
+
+class Trace:
+    """Append-only JSONL of a kernel's messages; each line is written whole and flushed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def at(cls, where: str | Path | None) -> "Trace":
+        """A trace at a .jsonl file, or a new file in a folder (default <home>/traces)."""
+        if where is None:
+            from llmos.config import home_dir
+
+            where = home_dir() / "traces"
+        path = Path(where)
+        if path.suffix != ".jsonl":
+            path = path / (time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6] + ".jsonl")
+        return cls(path)
+
+    def write(self, message: Message) -> None:
+        line = json.dumps({"ts": round(time.time(), 3), **message.to_dict()}, default=str)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    def read(self) -> list[Message]:
+        if not self.path.exists():
+            return []
+        with open(self.path, encoding="utf-8") as fh:
+            return [Message.from_dict(json.loads(line)) for line in fh if line.strip()]

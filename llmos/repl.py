@@ -39,25 +39,20 @@ RISKY = ("python", "browser")  # tools whose calls ask for approval in the shell
 class Shell:
     """One interactive session: a kernel, its tools, and the commands around it."""
 
-    def __init__(self, settings: Settings, tools: list[str], model: str | None = None) -> None:
-        from llmos.tools import ToolContext, load_builtin
+    def __init__(self, settings: Settings) -> None:
         import time
 
+        from llmos.build import Resources
+        from llmos.scheduler import Publisher
+
         self.settings = settings
-        run_dir = settings.runs_dir / ("shell-" + time.strftime("%Y%m%d-%H%M%S"))
-        self.ctx = ToolContext(artifacts=run_dir, workspace=run_dir / "workspace",
-                               allow_domains=tuple(settings.tools.allow_domains),
-                               unsandboxed_python=settings.tools.unsandboxed_python)
-        self.tools = [load_builtin(name, self.ctx) for name in dict.fromkeys(tools)]
+        self.run_dir = settings.runs_dir / ("shell-" + time.strftime("%Y%m%d-%H%M%S"))
         self.always: set[str] = set()
         self.kernel: Any = None
-        self.store: Any = None
         self._error: BaseException | None = None
-        self._model_path = model
-        from llmos.scheduler import Publisher, Scheduler
-
-        self.publisher = Publisher("shell")  # so `llmos ps` in another terminal lists these agents
-        self.scheduler = self.publisher.watch(Scheduler())
+        self._noted = False
+        # shared with background agents (/run); publishes the table for `llmos ps` in another terminal
+        self.resources = Resources(Publisher("shell"))
         self.notices: "queue.Queue[str]" = queue.Queue()  # background agents' endings, shown at the next prompt
         self.background: dict[str, threading.Thread] = {}
         self._loader = threading.Thread(target=self._load, daemon=True)
@@ -65,32 +60,31 @@ class Shell:
 
     # -- model loading ----------------------------------------------------------------------
     def _load(self) -> None:
-        from llmos.kernel import Kernel
+        """Build the shell's kernel behind the prompt. Long-term memory is left off, with the
+        reason, when the store is busy (another shell holds it) or cannot be opened."""
+        from llmos.build import build
+        from llmos.memory.store import StoreError
 
+        config = self.settings.model_copy(update={"agent": self.settings.agent.model_copy(update={"name": "shell"})})
         try:
-            options = self.settings.model
-            if self._model_path:
-                options = options.model_copy(update={"path": self._model_path})
-            self.store = self._open_store()
-            self.kernel = Kernel(tools=self.tools, max_steps=self.settings.max_steps, options=options,
-                                 trace=self.settings.trace_dir, approve=self.approve,
-                                 memory=self.store, recall=3 if self.store is not None else 0,
-                                 scheduler=self.scheduler, name="shell")
+            try:
+                self.kernel = build(config, resources=self.resources, artifacts=self.run_dir,
+                                    trace=self.settings.trace_dir, approve=self.approve)
+            except StoreError as exc:
+                err.print(f"[yellow]memory off: {exc}[/yellow]")
+                config = config.model_copy(update={"memory": config.memory.model_copy(update={"enabled": False})})
+                self.kernel = build(config, resources=self.resources, artifacts=self.run_dir,
+                                    trace=self.settings.trace_dir, approve=self.approve)
         except BaseException as exc:  # noqa: BLE001 - reported at the next prompt, the shell stays up
             self._error = exc
 
-    def _open_store(self) -> Any:
-        """Long-term memory for the shell (paging, recall, memory tools); the shell runs without it
-        when the store is busy (another shell holds it) or cannot be opened, and says why."""
-        if not self.settings.memory:
-            return None
-        from llmos.memory.store import MemoryStore, StoreError
+    @property
+    def scheduler(self) -> Any:
+        return self.kernel.scheduler if self.kernel is not None else None
 
-        try:
-            return MemoryStore(self.settings.home / "memory")
-        except StoreError as exc:
-            err.print(f"[yellow]memory off: {exc}[/yellow]")
-            return None
+    @property
+    def store(self) -> Any:
+        return self.kernel.memory.store if self.kernel is not None else None
 
     def ready(self) -> bool:
         if self.kernel is None and self._loader.is_alive():
@@ -100,6 +94,10 @@ class Shell:
             err.print(f"[red]llmos: error: {self._error}[/red]")
             self._error = None
             return False
+        if self.kernel is not None and not self._noted:
+            self._noted = True  # the model's notices (e.g. running on CPU), once
+            for note in self.kernel.backend.notes:
+                err.print(f"[dim]{note}[/dim]")
         return self.kernel is not None
 
     # -- approvals ----------------------------------------------------------------------------
@@ -163,7 +161,8 @@ class Shell:
         elif name == "/tools":
             from llmos.render import tools_table
 
-            tools_table(self.tools)
+            if self.ready():
+                tools_table(list(self.kernel.tools))
         elif name == "/trace":
             if self.ready():
                 out.print(str(self.kernel.trace.path))
@@ -178,7 +177,7 @@ class Shell:
         elif name == "/ps":
             from llmos.render import agents_table
 
-            agents_table(self.scheduler.ps())
+            agents_table(self.scheduler.ps() if self.scheduler is not None else [])
             if self.kernel is None:
                 out.print("(the model is still loading)")
         elif name in ("/pause", "/resume", "/stop"):
@@ -201,6 +200,8 @@ class Shell:
         if not arg:
             out.print(f"usage: /{action} ID (ids and names: /ps)")
             return
+        if not self.ready():
+            return
         try:
             proc = getattr(self.scheduler, action)(arg)
         except NoSuchAgent as exc:
@@ -210,7 +211,8 @@ class Shell:
 
     def _start_task(self, arg: str) -> None:
         """Run a task file as a background agent on the shell's model and scheduler."""
-        from llmos.agent import run_task, store_for
+        from llmos.agent import prepare, run_task
+        from llmos.cli import _errors
         from llmos.task import TaskError, load_task
 
         words = arg.split()
@@ -221,46 +223,40 @@ class Shell:
         try:
             task = load_task(path)
             if len(words) == 2:
-                task = task.model_copy(update={"priority": int(words[1])})
+                task = task.model_copy(update={"agent": task.agent.model_copy(update={"priority": int(words[1])})})
         except TaskError as exc:
             err.print(f"[red]llmos: error: {exc}[/red]")
             return
         if not self.ready():
             return
-        stores = {str((self.settings.home / "memory").resolve()): self.store} if self.store is not None else {}
-        from llmos.memory.store import StoreError
-
-        try:
-            store = store_for(task, path, stores)
-        except (StoreError, OSError) as exc:
-            err.print(f"[red]llmos: error: {exc}[/red]")
-            return
         taken = {row["name"] for row in self.scheduler.ps()}
-        name = base = task.name or path.stem
+        name = base = task.agent.name or path.stem
         n = 1
         while name in taken:
             n += 1
             name = f"{base}-{n}"
-        if task.model.path and Path(task.model.path).expanduser().resolve() != Path(self.kernel.backend.path).resolve():
-            out.print(f"[yellow]{name}: runs on the shell's model, not {task.model.path}[/yellow]")
+        if task.model != self.settings.model:
+            out.print(f"[yellow]{name}: runs on the shell's model (its task file asks for another model or loading)[/yellow]")
+            task = task.model_copy(update={"model": self.settings.model})
+        try:
+            kernel, folder = prepare(task, path, self.resources, self.settings.runs_dir, name)
+        except (*_errors(), OSError) as exc:
+            err.print(f"[red]llmos: error: {exc}[/red]")
+            return
 
         def work() -> None:
             try:
-                result = run_task(task, path, self.settings.runs_dir, self.kernel.backend, store=store, name=name,
-                                  scheduler=self.scheduler)
+                result = run_task(task, path, kernel, folder)
                 status = "passed" if result["passed"] else result["status"] if result["status"] != "finished" else "checks failed"
                 self.notices.put(f"agent {name} {status}: {' '.join(result['answer'].split())[:120]!r} "
                                  f"— {Path(result['artifacts']) / 'result.json'}")
             except Exception as exc:  # noqa: BLE001 - reported at the next prompt; other agents carry on
                 self.notices.put(f"agent {name} failed: {type(exc).__name__}: {exc}")
-            finally:
-                if store is not None and store is not self.store:
-                    store.close()
 
         thread = threading.Thread(target=work, name=f"agent-{name}", daemon=True)
         self.background[name] = thread
         thread.start()
-        out.print(f"started agent {name} (priority {task.priority}); /ps shows it, /stop {name} ends it")
+        out.print(f"started agent {name} (priority {kernel.process.priority}); /ps shows it, /stop {name} ends it")
 
     def show_notices(self) -> None:
         while not self.notices.empty():
@@ -269,7 +265,7 @@ class Shell:
     def _memory(self, query: str) -> None:
         if not self.ready():
             return
-        backend, window = self.kernel.backend, self.kernel.window
+        backend, window = self.kernel.backend, self.kernel.memory
         if query:
             if self.store is None:
                 out.print("no long-term memory in this shell")
@@ -306,25 +302,25 @@ class Shell:
         if not self.ready():
             return
         if not arg:
-            info = self.kernel.backend.info
-            out.print(f"{info.name} ({info.architecture}, {info.n_params / 1e6:.0f}M parameters, {info.quantization}) — {self.kernel.backend.path}")
+            out.print(self.kernel.backend.name)
             return
         busy = [name for name, thread in self.background.items() if thread.is_alive()]
         if busy:
             err.print(f"[red]llmos: error: agents {', '.join(busy)} still run on this model; /stop them first[/red]")
             return
-        from llmos.backend import LlamaBackend
         from llmos.gguf import ModelFileError
 
+        model = self.settings.model.model_copy(update={"path": arg})
+        self.kernel.backend.forget(self.kernel.key)
         try:
             with err.status(f"loading {arg}…"):
-                backend = LlamaBackend(self.settings.model.model_copy(update={"path": arg}))
+                backend = self.resources.switch(self.settings.model, model)
         except ModelFileError as exc:
             err.print(f"[red]llmos: error: {exc}[/red]")
             return
-        self.kernel.backend.close()
         self.kernel.backend = backend
-        out.print(f"switched to {backend.info.name}")
+        self.settings = self.settings.model_copy(update={"model": model})
+        out.print(f"switched to {backend.name}")
 
     def _save(self, arg: str) -> None:
         if not arg or not self.ready():
@@ -351,21 +347,17 @@ class Shell:
         out.print(f"loaded {len(messages)} messages from {path}")
 
     def close(self) -> None:
-        self.scheduler.stop_all()
+        if self.scheduler is not None:
+            self.scheduler.stop_all()
         for thread in self.background.values():
             thread.join(timeout=30)  # each writes its result.json on the way out
-        self.publisher.close()
+        self._loader.join()
         if self.kernel is not None:
-            self.kernel.close()  # closes the tools too
-        else:
-            for t in self.tools:
-                if t.close is not None:
-                    t.close()
-        if self.store is not None:
-            self.store.close()
+            self.kernel.close()  # its tools and cached state
+        self.resources.close()  # the model, the store, the `llmos ps` table
 
 
-def run_shell(settings: Settings, tools: list[str], model: str | None = None) -> None:
+def run_shell(settings: Settings) -> None:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.completion import WordCompleter
     from prompt_toolkit.history import FileHistory
@@ -388,7 +380,7 @@ def run_shell(settings: Settings, tools: list[str], model: str | None = None) ->
         completer=WordCompleter(list(COMMANDS), sentence=True),
         key_bindings=keys,
     )
-    shell = Shell(settings, tools, model)
+    shell = Shell(settings)
     shell.ask = lambda text: session.prompt(text)
     out.print("[bold]llmos[/bold] — ask anything; /help for commands, Ctrl-D to leave.")
     try:

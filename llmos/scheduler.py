@@ -28,6 +28,10 @@ STATES = ("idle", "ready", "running", "waiting", "done", "failed", "stopped")
 _PIDS = itertools.count(1)  # agent ids are unique in the OS process, across schedulers (one per model)
 
 
+class Stopped(Exception):
+    """An agent was asked to stop (Scheduler.stop, Kernel.stop); its run ends with exit "stopped"."""
+
+
 class NoSuchAgent(KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
@@ -166,7 +170,7 @@ class Scheduler:
     def turn(self, proc: Process) -> Iterator[None]:
         """Hold the model for one turn. Waits while other agents decode, while higher-priority or
         earlier-queued agents are ready, and while this one is paused. A stop request while
-        waiting raises KeyboardInterrupt, as a stop during the turn does in the kernel."""
+        waiting raises Stopped, as a stop during the turn does in the kernel."""
         with self._cond:
             proc.state, proc.ticket = "ready", next(self._tickets)
             self._changed()
@@ -175,7 +179,7 @@ class Scheduler:
                     proc.state = "stopped"
                     self._changed()
                     self._cond.notify_all()
-                    raise KeyboardInterrupt(f"agent {proc.name} stopped")
+                    raise Stopped(proc.name)
                 self._cond.wait(0.25)  # a stop set directly on the event is noticed within this
             self._holder = proc
             proc.state = "running"
@@ -194,7 +198,7 @@ class Scheduler:
     # ---- running agents ------------------------------------------------------------------------
     def start(self, kernel: Any, prompt: str, on_message: Callable[[Any], None] | None = None, **run_args: Any) -> Process:
         """Run `kernel.run(prompt)` on a thread; returns its Process (`.wait()` gives the messages).
-        The kernel must belong to this scheduler (Kernel(..., scheduler=this))."""
+        The kernel must belong to this scheduler (built with this scheduler)."""
         proc = kernel.process
         if proc.pid not in self._table or self._table[proc.pid] is not proc:
             raise ValueError(f"kernel {kernel.name!r} belongs to another scheduler; pass scheduler= when creating it")
@@ -210,8 +214,6 @@ class Scheduler:
                         proc.messages.append(message)
                     if on_message is not None:
                         on_message(message)
-            except KeyboardInterrupt:
-                self.set_state(proc, "stopped", "stopped")
             except Exception as exc:  # noqa: BLE001 - one agent failing must not take the others down
                 self.set_state(proc, "failed", f"{type(exc).__name__}: {exc}")
             finally:

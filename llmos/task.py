@@ -16,13 +16,7 @@ from typing import Any, Literal, Optional, Union
 import pydantic
 import yaml
 
-from llmos.config import ModelOptions, apply_overrides, yaml_error_text
-
-_HOST_RE = re.compile(r"^(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-_IPV4_RE = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$")
-
-
-MEMORY_TOOLS = ("core_memory", "memory_search", "memory_insert")  # given to the model when memory is enabled
+from llmos.config import Budget, Config, ConfigError, ToolsConfig, apply_overrides, error_lines, yaml_error_text
 
 
 class TaskError(ValueError):
@@ -33,80 +27,8 @@ class TaskError(ValueError):
         self.problems = problems
 
 
-def _is_domain(entry: str) -> bool:
-    m = _IPV4_RE.match(entry)
-    if m:
-        return all(0 <= int(part) <= 255 for part in m.groups())
-    return bool(_HOST_RE.match(entry)) and not entry.replace(".", "").isdigit()
-
-
 class _Strict(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
-
-
-class ToolsSection(_Strict):
-    """Which tools the agent may use, and what they may reach."""
-
-    enabled: list[str] = ["calculator"]
-    tool_choice: str = "auto"  # first turn: auto | required | none | a tool name
-    allow_domains: list[str] = ["127.0.0.1", "localhost"]  # browser allow-list
-    python_unsandboxed: bool = False  # explicit opt-out of the bubblewrap sandbox
-    file_roots: list[str] = []  # folders the python tool may read (read-only, at /files/<name>); relative to the task file
-
-    @pydantic.field_validator("enabled")
-    @classmethod
-    def _known_tools(cls, names: list[str]) -> list[str]:
-        from llmos.tools import BUILTIN
-
-        for name in names:
-            if name not in BUILTIN:
-                close = difflib.get_close_matches(name, BUILTIN, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"unknown tool {name!r}{hint} (available: {', '.join(BUILTIN)})")
-        return names
-
-    @pydantic.field_validator("allow_domains")
-    @classmethod
-    def _domains(cls, entries: list[str]) -> list[str]:
-        for entry in entries:
-            if not _is_domain(entry):
-                raise ValueError(f"{entry!r} is not a domain (use a host such as 'example.org', '*.example.org' or '127.0.0.1', without scheme or path)")
-        return entries
-
-
-
-class MemorySection(_Strict):
-    """Long-term memory: a store to page the window out to, documents to ingest first, recall."""
-
-    enabled: bool = False
-    store: Optional[str] = None  # folder; default <home>/memory; relative paths are relative to the task file
-    server: Optional[str] = None  # Chroma server (`chroma run`) URL, e.g. http://127.0.0.1:8000: vectors shared across machines
-    collection: str = pydantic.Field("default", min_length=1, max_length=63)
-    documents: list[str] = []  # files or folders ingested before the run (relative to the task file)
-    recall: int = pydantic.Field(0, ge=0, le=20)  # pages retrieved for each user turn (0: only via memory_search)
-    warn: float = pydantic.Field(0.70, gt=0, lt=1)  # window share that triggers a memory-pressure notice
-    limit: float = pydantic.Field(0.90, gt=0, lt=1)  # window share that triggers paging out
-
-    @pydantic.field_validator("server")
-    @classmethod
-    def _server_url(cls, url: Optional[str]) -> Optional[str]:
-        if url is not None:
-            from llmos.memory.store import parse_server_url
-
-            parse_server_url(url)
-        return url
-
-    @pydantic.model_validator(mode="after")
-    def _order(self) -> "MemorySection":
-        if self.warn > self.limit:
-            raise ValueError(f"warn ({self.warn}) must not exceed limit ({self.limit})")
-        return self
-
-
-class Budget(_Strict):
-    max_steps: int = pydantic.Field(8, ge=1, le=1000)
-    max_seconds: float = pydantic.Field(600.0, gt=0)
-    max_tokens: Optional[int] = pydantic.Field(None, ge=1)  # tokens the model evaluates and generates for the run
 
 
 class Check(_Strict):
@@ -134,27 +56,16 @@ class Check(_Strict):
         return self
 
 
-class Task(_Strict):
-    """A task file: what to run, with which model and tools, within which budgets, checked how."""
+class Task(Config):
+    """A task file: a Config (model, sampling, budget, tools, memory, agent) plus what to run and
+    how the run is checked. Unattended runs get a wall-clock budget by default."""
 
-    name: Optional[str] = None
     goal: str = pydantic.Field(min_length=1)  # the prompt; {variables} are filled from vars and --var
-    system: Optional[str] = None
-    priority: int = pydantic.Field(0, ge=-100, le=100)  # among agents sharing a model, higher decodes first
     vars: dict[str, Union[str, int, float, bool]] = {}
-    model: ModelOptions = ModelOptions()
-    tools: ToolsSection = ToolsSection()
-    memory: MemorySection = MemorySection()
-    budget: Budget = Budget()
+    tools: ToolsConfig = ToolsConfig(enabled=["calculator"])
+    budget: Budget = Budget(seconds=600)
     artifacts: Optional[str] = None  # folder for trace, result.json and tool files; relative to the task file
     checks: list[Check] = []
-
-    @pydantic.model_validator(mode="after")
-    def _choice(self) -> "Task":
-        allowed = list(self.tools.enabled) + (list(MEMORY_TOOLS) if self.memory.enabled else [])
-        if self.tools.tool_choice not in ("auto", "required", "none", *allowed):
-            raise ValueError(f"tools.tool_choice {self.tools.tool_choice!r} must be auto, required, none or one of: {', '.join(allowed) or 'no tools enabled'}")
-        return self
 
     def prompt(self) -> str:
         """The goal with {variables} filled; unknown variables are an error naming them."""
@@ -182,23 +93,6 @@ def _locate(node: Any, loc: tuple, key_node: bool = False) -> Any:
     return node
 
 
-def _fields_of(model: type[pydantic.BaseModel], loc: tuple) -> list[str]:
-    """Field names valid at `loc` (for 'did you mean')."""
-    current: Any = model
-    for key in loc:
-        if isinstance(key, int):
-            continue
-        field = getattr(current, "model_fields", {}).get(key)
-        if field is None:
-            break
-        ann = field.annotation
-        args = getattr(ann, "__args__", ())
-        current = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, pydantic.BaseModel)), None)
-        if current is None:
-            return []
-    return list(getattr(current, "model_fields", {}))
-
-
 def _line(root: Any, loc: tuple, key_node: bool = False) -> int:
     node = _locate(root, loc, key_node) if root is not None else None
     return node.start_mark.line + 1 if node is not None else 1
@@ -206,14 +100,8 @@ def _line(root: Any, loc: tuple, key_node: bool = False) -> int:
 
 def _problems(exc: pydantic.ValidationError, source: str, root: Any) -> list[tuple[int, str]]:
     lines = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        field = ".".join(str(p) for p in loc) or "(top level)"
-        line = _line(root, loc, key_node=err["type"] == "extra_forbidden")
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(loc[-1]), _fields_of(Task, loc[:-1]), n=1)
-            msg = f"unknown key {loc[-1]!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+    for loc, field, msg in error_lines(exc, Task):
+        line = _line(root, loc, key_node=msg.startswith("unknown key") or " moved to " in msg)
         lines.append((line, f"{source}:{line}: {field}: {msg}"))
     return lines
 
@@ -237,8 +125,6 @@ def load_task(path: str | Path, overrides: list[str] | None = None, variables: d
         data = {}
     if not isinstance(data, dict):
         raise TaskError([f"{source}:1: a task file must be a mapping with at least 'goal:'"])
-    from llmos.config import ConfigError
-
     try:
         data = apply_overrides(data, overrides or [])
     except ConfigError as exc:
@@ -257,7 +143,17 @@ def load_task(path: str | Path, overrides: list[str] | None = None, variables: d
         except ModelFileError as exc:
             line = _line(root, ("model", "path"))
             problems.append((line, f"{source}:{line}: model.path: {exc}"))
-    tools_data = data.get("tools") if isinstance(data.get("tools"), dict) else {}
+    raw = data.get("tools")
+    tools_data = raw if isinstance(raw, dict) else {"enabled": raw} if isinstance(raw, list) else {}
+    for i, name in enumerate(tools_data.get("enabled") or []):
+        if isinstance(name, str) and ":" in name:  # a user tool must import now, not mid-run
+            from llmos.build import user_tool
+
+            try:
+                user_tool(name, path.parent.resolve())
+            except ConfigError as exc:
+                line = _line(root, ("tools", "enabled", i) if isinstance(raw, dict) else ("tools", i))
+                problems.append((line, f"{source}:{line}: {exc}"))
     for i, folder in enumerate(tools_data.get("file_roots") or []):
         if isinstance(folder, str) and not (path.parent / Path(folder).expanduser()).is_dir():
             line = _line(root, ("tools", "file_roots", i))
@@ -281,16 +177,17 @@ def load_task(path: str | Path, overrides: list[str] | None = None, variables: d
     if problems:
         raise TaskError([text for _, text in sorted(problems, key=lambda p: p[0])])
     if task.model.path is not None and not Path(task.model.path).is_absolute():
-        task.model = task.model.model_copy(update={"path": str((path.parent / Path(task.model.path).expanduser()).resolve())})
+        model = task.model.model_copy(update={"path": str((path.parent / Path(task.model.path).expanduser()).resolve())})
+        task = task.model_copy(update={"model": model})
     return task
 
 
 def artifacts_dir(task: Task, task_path: Path, runs_dir: Path, stamp: str) -> Path:
     """Where this run writes: the task's `artifacts` (relative to the task file) or <home>/runs/<name>-<time>."""
     if task.artifacts:
-        folder = Path(task.artifacts.format(name=task.name or task_path.stem, **{k: str(v) for k, v in task.vars.items()}))
+        folder = Path(task.artifacts.format(name=task.agent.name or task_path.stem, **{k: str(v) for k, v in task.vars.items()}))
         return folder if folder.is_absolute() else (task_path.parent / folder).resolve()
-    return runs_dir / f"{task.name or task_path.stem}-{stamp}"
+    return runs_dir / f"{task.agent.name or task_path.stem}-{stamp}"
 
 
 def run_checks(task: Task, answer: str, called: set[str], artifacts: Path) -> list[dict[str, Any]]:

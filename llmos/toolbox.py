@@ -204,6 +204,8 @@ class Toolbox:
     """The registered tools, by name; runs a turn's calls concurrently, results in call order."""
 
     def __init__(self, tools: Iterable[Any] = ()) -> None:
+        if isinstance(tools, (str, Mapping)) or callable(tools):
+            raise ToolError(f"tools must be a list of tools, not one {type(tools).__name__} ({tools!r:.60}); wrap it: [tool]")
         self._tools: dict[str, Tool] = {}
         for t in tools:
             self.add(t)

@@ -117,7 +117,7 @@ def chunk(text: str, max_chars: int = MAX_CHARS, overlap: int = OVERLAP) -> list
 
 def _files(paths: Iterable[str | Path]) -> list[Path]:
     out: list[Path] = []
-    for p in map(Path, paths):
+    for p in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):  # one path is not a list of characters
         if p.is_dir():
             out.extend(sorted(f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)))
         else:

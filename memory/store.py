@@ -474,8 +474,9 @@ class MemoryStore:
         positions: Sequence[int] | None = None,
         metas: Sequence[Mapping[str, Any]] | None = None,
     ) -> tuple[list[str], int]:
-        """Store texts (deduplicated by content hash); returns (ids of newly added, duplicates skipped)."""
-        texts = list(texts)
+        """Store texts (deduplicated by content hash); returns (ids of newly added, duplicates skipped).
+        A bare string is one text."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
         if not COLLECTION_RE.match(collection):
             raise ValueError(f"collection name {collection!r} is invalid: 3-63 letters, digits, '.', '_' or '-', alphanumeric at both ends")
         if kind not in KINDS:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
+from llmos.memory.window import format_hits
 from llmos.toolbox import Tool, make_tool
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ def make(store: "MemoryStore", collection: str = "default", k: int = 5) -> list[
         hits = store.search(query, k=k, collection=collection)
         if not hits:
             return "no matching memories"
-        return "\n\n".join(f"[{i}] source: {h.source or h.kind} (part {h.position})\n{h.text}" for i, h in enumerate(hits, 1))
+        return format_hits(hits)
 
     def memory_insert(fact: Annotated[str, Field(description="one self-contained fact to remember")]) -> str:
         """Save a fact to long-term memory so it can be found later with memory_search."""

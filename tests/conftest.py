@@ -22,9 +22,9 @@ def default_model_path():
 @pytest.fixture(scope="session")
 def llama_backend():
     """One real default model for the whole session (loading it costs ~1 s)."""
-    from llmos.backend import LlamaBackend
-    from llmos.config import ModelOptions
+    from llmos.config import ModelConfig, Sampling
+    from llmos.llama import LlamaBackend
 
-    backend = LlamaBackend(ModelOptions(temperature=0.0, gpu_layers=0, max_tokens=96))
+    backend = LlamaBackend(ModelConfig(gpu_layers=0), Sampling(temperature=0.0, max_tokens=96))
     yield backend
     backend.close()

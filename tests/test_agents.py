@@ -3,8 +3,8 @@
 import threading
 
 from llmos import Kernel
-from llmos.backend import LlamaBackend
-from llmos.config import ModelOptions
+from llmos.config import ModelConfig, Sampling
+from llmos.llama import LlamaBackend
 from llmos.scheduler import Scheduler
 from llmos.tools import load_builtin
 
@@ -19,20 +19,20 @@ def answers(kernel, prompts):
     return out
 
 
-def new_backend(**options):
-    return LlamaBackend(ModelOptions(gpu_layers=0, max_tokens=40, n_ctx=2048, **options))
+def new_backend(**model):
+    return LlamaBackend(ModelConfig(gpu_layers=0, n_ctx=2048, **model), Sampling(max_tokens=40))
 
 
 def test_output_is_identical_alone_and_interleaved(tmp_path):
     alone = new_backend()
     try:
-        expected_a = answers(Kernel(alone, trace=tmp_path, name="a"), PROMPTS_A)
+        expected_a = answers(Kernel(alone, trace=tmp_path, config={"agent": {"name": "a"}}), PROMPTS_A)
     finally:
         alone.close()
     shared = new_backend(kv_ram_mb=0)  # no RAM for saved states: every switch goes through disk
     try:
-        a = Kernel(shared, trace=tmp_path, name="a")
-        b = Kernel(shared, trace=tmp_path, name="b")
+        a = Kernel(shared, trace=tmp_path, config={"agent": {"name": "a"}})
+        b = Kernel(shared, trace=tmp_path, config={"agent": {"name": "b"}})
         got_a = []
         for i, p in enumerate(PROMPTS_A):
             got_a += answers(a, [p])
@@ -40,9 +40,9 @@ def test_output_is_identical_alone_and_interleaved(tmp_path):
                 answers(b, [PROMPTS_B[i]])  # b takes the model between a's turns
         assert got_a == expected_a
         assert shared.switches >= 4 and shared.spilled >= 2
-        assert len(list(shared._spill_dir.iterdir())) == 1  # b's state; a's was restored from its file and removed
+        assert len(list(shared.kv.folder.iterdir())) == 1  # b's state; a's was restored from its file and removed
         shared.forget(b.key)
-        assert not list(shared._spill_dir.iterdir())
+        assert not list(shared.kv.folder.iterdir())
         # after a switch back, a's earlier context was restored, not re-read
         stats = [m.meta["stats"] for m in a.messages if m.role == "assistant"]
         assert stats[-1]["cached_tokens"] > stats[0]["prompt_tokens"]
@@ -54,7 +54,7 @@ def test_agents_in_threads_share_the_model_and_tools_run_meanwhile(tmp_path):
     shared = new_backend()
     try:
         sched = Scheduler()
-        kernels = [Kernel(shared, tools=[load_builtin("calculator")], trace=tmp_path, name=f"agent{i}", scheduler=sched)
+        kernels = [Kernel(shared, tools=[load_builtin("calculator")], trace=tmp_path, config={"agent": {"name": f"agent{i}"}}, scheduler=sched)
                    for i in range(3)]
         results = {}
 
@@ -78,24 +78,26 @@ def test_agents_in_threads_share_the_model_and_tools_run_meanwhile(tmp_path):
 
 
 def test_tasks_share_a_model_when_only_sampling_differs(tmp_path):
-    from llmos.agent import backend_for
+    from llmos.build import Resources, build
     from llmos.task import Task
 
-    cache = {}
-    short = Task(goal="a", model={"max_tokens": 8, "temperature": 0, "gpu_layers": 0, "n_ctx": 1024})
-    long = Task(goal="b", model={"max_tokens": 64, "temperature": 0.7, "gpu_layers": 0, "n_ctx": 1024})
-    wider = Task(goal="c", model={"max_tokens": 8, "gpu_layers": 0, "n_ctx": 2048})
+    resources = Resources()
+    short = Task(goal="a", model={"gpu_layers": 0, "n_ctx": 1024}, sampling=Sampling(max_tokens=8, temperature=0),
+                 agent={"name": "terse"}, tools=[])
+    long = Task(goal="b", model={"gpu_layers": 0, "n_ctx": 1024}, sampling=Sampling(max_tokens=64, temperature=0.7),
+                agent={"name": "chatty"}, tools=[])
+    wider = Task(goal="c", model={"gpu_layers": 0, "n_ctx": 2048}, sampling=Sampling(max_tokens=8), tools=[])
     try:
-        shared = backend_for(short, cache)
-        assert backend_for(long, cache) is shared
-        assert backend_for(wider, cache) is not shared  # a different context size is a different load
+        terse = build(short, resources=resources, trace=tmp_path)
+        chatty = build(long.model_copy(update={"sampling": long.sampling.model_copy(update={"temperature": 0.0})}),
+                       resources=resources, trace=tmp_path)
+        assert build(long, resources=resources, trace=tmp_path).backend is terse.backend is chatty.backend
+        assert build(wider, resources=resources, trace=tmp_path).backend is not terse.backend  # a different context size is a different load
+        assert terse.scheduler is chatty.scheduler and len(resources.backends) == 2
         # each agent's own sampling settings apply on the shared model
-        terse = Kernel(shared, trace=tmp_path, name="terse", options=short.model)
-        chatty = Kernel(shared, trace=tmp_path, name="chatty", options=long.model.model_copy(update={"temperature": 0.0}))
         prompt = "Write a long poem about the sea."
         stats_terse = [m.meta["stats"] for m in terse.run(prompt) if m.role == "assistant"][-1]
         stats_chatty = [m.meta["stats"] for m in chatty.run(prompt) if m.role == "assistant"][-1]
         assert stats_terse["generated_tokens"] <= 8 < stats_chatty["generated_tokens"] <= 64
     finally:
-        for backend in cache.values():
-            backend.close()
+        resources.close()

@@ -18,6 +18,7 @@ import pytest
 
 from llmos import ToolCall, Toolbox
 from llmos.tools import ToolContext
+from llmos.toolbox import ToolError
 from llmos.tools.browser import (
     BEGIN, END, Browser, BrowserError, check_url, host_allowed, make, normalize_domains, resolver_rules,
 )
@@ -25,7 +26,7 @@ from llmos.tools.browser import (
 PNG = b"\x89PNG\r\n\x1a\n"
 HAVE_CHROMIUM = os.access("/usr/bin/chromium", os.X_OK) or bool(shutil.which("chromium"))
 needs_chromium = pytest.mark.skipif(not HAVE_CHROMIUM, reason="needs Chromium (apt-get install chromium)")
-QUICK = {"browser": {"nav_timeout": 3, "action_timeout": 3}}  # short limits so the hang tests end soon
+QUICK = {"nav_timeout": 3, "action_timeout": 3}  # short limits so the hang tests end soon
 
 FOX = "The quick brown fox jumps over the lazy dog."
 HOME = f"""<!doctype html><html><head><title>Fixture Home</title></head><body>
@@ -105,7 +106,7 @@ def site():
 def browser(tmp_path_factory):
     """One browser for the module (each launch costs about a second)."""
     folder = tmp_path_factory.mktemp("browser")
-    b = Browser(ToolContext.under(folder, allow_domains=("127.0.0.1",), options=QUICK))
+    b = Browser(ToolContext.under(folder, browser={"allow_domains": ["127.0.0.1"], **QUICK}))
     yield b
     b.close()
     assert b.processes() == []
@@ -184,15 +185,15 @@ def test_resolver_rules_exclude_only_allowed_hosts():
 
 
 def test_bad_options_are_reported(tmp_path):
-    with pytest.raises(BrowserError, match="nav_timout"):
-        Browser(ToolContext.under(tmp_path, options={"browser": {"nav_timout": 3}}))
+    with pytest.raises(ToolError, match="invalid browser options.*nav_timout"):
+        Browser(ToolContext.under(tmp_path, browser={"nav_timout": 3}))
 
 
 # -- the tool ---------------------------------------------------------------------------------------
 
 
 def test_make_starts_nothing_and_marks_the_tool_untrusted(tmp_path):
-    tool = make(ToolContext.under(tmp_path, allow_domains=("127.0.0.1", "*.example.org")))
+    tool = make(ToolContext.under(tmp_path, browser={"allow_domains": ["127.0.0.1", "*.example.org"]}))
     assert tool.name == "browser" and tool.untrusted
     assert "127.0.0.1, *.example.org" in tool.touches and "screenshots" in tool.touches
     params = tool.schema()["function"]["parameters"]
@@ -381,7 +382,7 @@ def test_a_crashed_browser_is_replaced(browser, site):
 
 @needs_chromium
 def test_close_leaves_no_chromium_behind(tmp_path, site):
-    b = Browser(ToolContext.under(tmp_path, allow_domains=("127.0.0.1",), options=QUICK))
+    b = Browser(ToolContext.under(tmp_path, browser={"allow_domains": ["127.0.0.1"], **QUICK}))
     assert "Fixture home" in b.tool(action="open", url=site + "/")
     pids = b.processes()
     assert len(pids) >= 2  # at least the driver and Chromium's main process
@@ -397,7 +398,7 @@ def test_close_leaves_no_chromium_behind(tmp_path, site):
 def test_browser_through_the_kernel(llama_backend, browser, site, tmp_path):
     from llmos import Kernel
 
-    kernel = Kernel(llama_backend, tools=[browser.tool], trace=tmp_path, max_steps=3)
+    kernel = Kernel(llama_backend, tools=[browser.tool], trace=tmp_path, config={"budget": {"steps": 3}})
     msgs = list(kernel.run(f"Open {site}/about and tell me who made the site.", tool_choice="browser"))
     call = msgs[1].tool_calls[0]
     assert call.name == "browser" and call.arguments["action"] in browser.tool.parameters["properties"]["action"]["enum"]

@@ -65,7 +65,7 @@ def test_tools_json():
 
 
 def test_run_end_to_end_json(llmos_home):
-    proc = llmos("run", "What is 12345 * 6789?", "--tool-choice", "calculator", "--json", "-o", "model.max_tokens=96", env_home=llmos_home)
+    proc = llmos("run", "What is 12345 * 6789?", "--tool-choice", "calculator", "--json", "-o", "sampling.max_tokens=96", env_home=llmos_home)
     assert proc.returncode == 0, proc.stderr
     msgs = [json.loads(l) for l in proc.stdout.splitlines()]
     call = msgs[1]["tool_calls"][0]["function"]
@@ -76,7 +76,7 @@ def test_run_end_to_end_json(llmos_home):
 
 
 def test_run_streams_text(llmos_home):
-    proc = llmos("run", "Say hi.", "--no-tools", "-o", "model.max_tokens=24", env_home=llmos_home)
+    proc = llmos("run", "Say hi.", "--no-tools", "-o", "sampling.max_tokens=24", env_home=llmos_home)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() and "trace:" in proc.stderr
 
@@ -104,8 +104,8 @@ def test_truncated_model_is_one_line_exit_2(tmp_path, default_model_path, llmos_
 
 
 def test_bad_override_and_unknown_tool(llmos_home):
-    line = one_line_error(llmos("run", "hi", "-o", "model.temperature=hot", env_home=llmos_home))
-    assert "model.temperature" in line
+    line = one_line_error(llmos("run", "hi", "-o", "sampling.temperature=hot", env_home=llmos_home))
+    assert "sampling.temperature" in line
     line = one_line_error(llmos("run", "hi", "-o", "nonsense=1", env_home=llmos_home))
     assert "nonsense" in line
     line = one_line_error(llmos("run", "hi", "--tool", "calculater", env_home=llmos_home))

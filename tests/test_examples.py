@@ -29,7 +29,7 @@ def test_quickstart_runs_with_the_default_model(tmp_path):
 def run_readme_block(marker, tmp_path, check=""):
     """A README block that uses the quickstart's @tool, run with it defined first."""
     blocks = readme_python_blocks()
-    tool_part = blocks[0].split("kernel = Kernel(")[0]  # the @tool definition, without loading the model
+    tool_part = blocks[0].split("kernel = build(")[0]  # the @tool definition, without loading the model
     block = next(b for b in blocks if marker in b)
     out = subprocess.run([sys.executable, "-c", tool_part + "\n" + block + "\n" + check], capture_output=True, text=True,
                          timeout=300, env={"LLMOS_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})

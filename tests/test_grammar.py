@@ -6,8 +6,8 @@ import pydantic
 import pytest
 
 from llmos import tool
-from llmos.backend import compile_grammar
 from llmos.grammar import GrammarError, parse_calls, render_call, tool_call_grammar
+from llmos.llama import compile_grammar
 from llmos.messages import ToolCall
 
 

@@ -56,7 +56,7 @@ def test_invalid_arguments_come_back_as_tool_message(tmp_path):
 
 def test_step_budget_forces_an_answer_on_the_last_step(tmp_path):
     backend = ScriptedBackend([call("add", a=1, b=1), call("add", a=2, b=2), "final"])
-    kernel = Kernel(backend, tools=[add], max_steps=3, trace=tmp_path)
+    kernel = Kernel(backend, tools=[add], config={"budget": {"steps": 3}}, trace=tmp_path)
     msgs = run(kernel, "loop")
     assert [s.tool_choice for s in backend.seen] == ["auto", "auto", "none"]
     assert msgs[-1].meta["exit"] == "max_steps"
@@ -139,7 +139,7 @@ def test_trace_is_jsonl_of_complete_messages(tmp_path):
 
 def test_conversation_continues_across_runs_and_reset(tmp_path):
     backend = ScriptedBackend(["one", "two"])
-    kernel = Kernel(backend, system="be brief", trace=tmp_path)
+    kernel = Kernel(backend, config={"agent": {"system": "be brief"}}, trace=tmp_path)
     run(kernel, "a")
     run(kernel, "b")
     assert [m.content for m in backend.seen[1].messages] == ["be brief", "a", "one", "b"]
@@ -210,6 +210,6 @@ def test_time_budget_ends_the_run(tmp_path):
         return "done"
 
     backend = ScriptedBackend([call("slow"), call("slow"), "never"])
-    kernel = Kernel(backend, tools=[slow], trace=tmp_path, max_seconds=0.2)
+    kernel = Kernel(backend, tools=[slow], trace=tmp_path, config={"budget": {"seconds": 0.2}})
     msgs = run(kernel, "x")
     assert msgs[-1].meta["exit"] == "timeout"

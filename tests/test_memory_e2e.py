@@ -4,13 +4,14 @@ embedder). A fact stated early is paged out of a small window, then found again 
 import pytest
 
 from llmos import Kernel
-from llmos.backend import LlamaBackend
-from llmos.config import ModelOptions
+from llmos.config import ModelConfig, Sampling
+from llmos.llama import LlamaBackend
+from llmos.memory.window import Memory
 
 
 @pytest.fixture(scope="module")
 def small_backend():
-    backend = LlamaBackend(ModelOptions(gpu_layers=0, n_ctx=1024, max_tokens=48))
+    backend = LlamaBackend(ModelConfig(gpu_layers=0, n_ctx=1024), Sampling(max_tokens=48))
     yield backend
     backend.close()
 
@@ -20,13 +21,13 @@ def test_early_fact_is_paged_out_then_recalled_by_memory_search(small_backend, t
 
     store = MemoryStore(tmp_path / "memory")
     try:
-        kernel = Kernel(small_backend, tools=[], trace=tmp_path, memory=store)
+        kernel = Kernel(small_backend, tools=[], trace=tmp_path, memory=Memory(store))
         list(kernel.run("Remember this: my locker code is 7391."))
         filler = "Tell me something about the history of lighthouses and ships at sea, in detail. " * 3
         notices = []
         for _ in range(12):
             notices += [m for m in kernel.run(filler) if m.role == "kernel"]
-            if kernel.window.paged_out and not any("7391" in m.content for m in kernel.messages):
+            if kernel.memory.paged_out and not any("7391" in m.content for m in kernel.messages):
                 break
         assert any(m.meta.get("event") == "page_out" for m in notices), "the window never paged out"
         assert not any("7391" in m.content for m in kernel.messages), "the fact is still in the window"

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from llmos import Kernel, Message, tool
+from llmos import Kernel, Message, build, tool
 from llmos.gguf import ModelFileError
 from llmos.tools.calculator import calculator
 
@@ -93,13 +93,13 @@ def test_bad_model_files_raise_before_llama_cpp(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_text("nope")
     with pytest.raises(ModelFileError, match="not a GGUF"):
-        Kernel(bad, trace=tmp_path)
+        build({"model": {"path": str(bad)}}, trace=tmp_path)
     with pytest.raises(ModelFileError, match="no such file"):
-        Kernel(tmp_path / "missing.gguf", trace=tmp_path)
+        build({"model": {"path": str(tmp_path / "missing.gguf")}}, trace=tmp_path)
 
 
 def test_template_without_tool_role_gets_tool_results_as_user_turns():
-    from llmos.backend import _message_dicts, _without_tool_role
+    from llmos.llama import _message_dicts, _without_tool_role
     from llmos.messages import ToolCall
 
     msgs = [Message("user", "hi"), Message("assistant", "", tool_calls=(ToolCall("calc", {"x": 1}),)),
@@ -110,13 +110,13 @@ def test_template_without_tool_role_gets_tool_results_as_user_turns():
 
 
 def test_strict_template_falls_back():
-    from llmos.backend import LlamaBackend
-    from llmos.config import ModelOptions
+    from llmos.config import ModelConfig, Sampling
+    from llmos.llama import LlamaBackend
 
     strict = ("{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
               "{{ raise_exception('unknown role') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    backend = LlamaBackend(ModelOptions(gpu_layers=0, chat_template=strict, max_tokens=8))
+    backend = LlamaBackend(ModelConfig(gpu_layers=0, chat_template=strict), Sampling(max_tokens=8))
     try:
         text = backend.render([Message("user", "hi"), Message("tool", "42", meta={"name": "calc"})], [])
         assert "<|im_start|>tool" not in text and "42" in text

@@ -134,7 +134,7 @@ def test_files_written_are_reported_and_exist_on_the_host(session, workspace):
 
 @needs_bwrap
 def test_the_tool_keeps_one_session_across_toolbox_threads(tmp_path):
-    ctx = ToolContext.under(tmp_path, options={"python": {"timeout": 5}})
+    ctx = ToolContext.under(tmp_path, python={"timeout": 5})
     python = make(ctx)
     try:
         assert python.name == "python" and python.timeout > 5
@@ -300,12 +300,12 @@ def test_the_sandbox_dies_with_its_process(tmp_path, ending):
 
 
 def test_refuses_with_a_clear_message_when_bwrap_is_missing(tmp_path):
-    ctx = ToolContext.under(tmp_path, options={"python": {"bwrap": str(tmp_path / "no-such-bwrap")}})
+    ctx = ToolContext.under(tmp_path, python={"bwrap": str(tmp_path / "no-such-bwrap")})
     python = make(ctx)
     assert descendants() == []  # make() starts nothing
     with pytest.raises(SandboxUnavailable, match="bubblewrap") as info:
         python(code="1 + 1")
-    assert "no-such-bwrap" in str(info.value) and "unsandboxed_python=True" in str(info.value)
+    assert "no-such-bwrap" in str(info.value) and "tools.python.unsandboxed: true" in str(info.value)
     message = Toolbox([python]).call(ToolCall("python", {"code": "1 + 1"}))
     assert message.meta["error"] and "sandbox" in message.content
     assert descendants() == []
@@ -324,7 +324,7 @@ def test_refuses_when_bwrap_fails_to_start(tmp_path):
 
 def test_unsandboxed_opt_in_runs_the_same_server_and_says_so(tmp_path, listening_port):
     ctx = ToolContext.under(
-        tmp_path, unsandboxed_python=True, options={"python": {"bwrap": "/nonexistent/bwrap", "timeout": 1}}
+        tmp_path, python={"unsandboxed": True, "bwrap": "/nonexistent/bwrap", "timeout": 1}
     )
     python = make(ctx)
     try:

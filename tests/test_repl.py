@@ -26,7 +26,7 @@ def command(shell, line, pattern, tries=3):
 
 def spawn(home, max_tokens):
     env = {**os.environ, "LLMOS_HOME": str(home), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
-    child = pexpect.spawn(sys.executable, ["-m", "llmos.cli", "repl", "-o", f"model.max_tokens={max_tokens}"], env=env,
+    child = pexpect.spawn(sys.executable, ["-m", "llmos.cli", "repl", "-o", f"sampling.max_tokens={max_tokens}"], env=env,
                           encoding="utf-8", timeout=120)
     child.expect_exact(PROMPT)
     return child
@@ -108,7 +108,7 @@ def test_risky_calls_ask_for_approval_with_always(llmos_home):
     from llmos.messages import ToolCall
     from llmos.repl import Shell
 
-    shell = Shell(load_settings(home=llmos_home), ["calculator"])
+    shell = Shell(load_settings(["tools=[calculator]"], home=llmos_home))
     asked = []
     answers = iter(["n", "a"])
     shell.ask = lambda text: asked.append(text) or next(answers)

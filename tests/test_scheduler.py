@@ -11,8 +11,13 @@ import time
 import pytest
 
 from llmos import Kernel, tool
-from llmos.scheduler import NoSuchAgent, Publisher, Scheduler, running_tables
+from llmos.scheduler import NoSuchAgent, Publisher, Scheduler, Stopped, running_tables
+from llmos.memory.window import Memory
 from llmos.testing import ScriptedBackend, call
+
+
+def named(name):
+    return {"agent": {"name": name}}
 
 
 def wait_until(predicate, what, timeout=10.0):
@@ -96,7 +101,7 @@ def test_stopping_a_waiting_agent_ends_its_wait():
         try:
             with sched.turn(a):
                 pass
-        except KeyboardInterrupt as exc:
+        except Stopped as exc:
             errors.append(exc)
 
     with sched.turn(holder):
@@ -131,7 +136,8 @@ def explode() -> str:
 def test_kernel_moves_through_states_and_counts_use(tmp_path):
     sched = Scheduler()
     backend = ScriptedBackend([call("slow", seconds=0.5), "done."])
-    k = Kernel(backend, tools=[slow], trace=tmp_path, scheduler=sched, name="worker", priority=2, max_steps=4)
+    k = Kernel(backend, tools=[slow], trace=tmp_path, scheduler=sched,
+               config={"agent": {"name": "worker", "priority": 2}, "budget": {"steps": 4}})
     seen = set()
     proc = sched.start(k, "go", on_message=lambda m: seen.add(k.process.state), stream=True)
     wait_until(lambda: proc.state == "waiting", "tools running")
@@ -146,7 +152,7 @@ def test_kernel_moves_through_states_and_counts_use(tmp_path):
 
 def test_token_budget_ends_the_run(tmp_path):
     backend = ScriptedBackend([call("slow", seconds=0.0)] * 5 + ["never"])
-    k = Kernel(backend, tools=[slow], trace=tmp_path, max_tokens=1, max_steps=6)
+    k = Kernel(backend, tools=[slow], trace=tmp_path, config={"budget": {"tokens": 1, "steps": 6}})
     messages = list(k.run("go"))
     assert messages[-1].meta["exit"] == "tokens"
     assert "token budget of 1 exhausted" in messages[-1].content
@@ -155,9 +161,9 @@ def test_token_budget_ends_the_run(tmp_path):
 
 def test_a_failing_agent_does_not_stop_the_others(tmp_path):
     sched = Scheduler()
-    broken = Kernel(ScriptedBackend([]), trace=tmp_path, scheduler=sched, name="broken")  # its script is empty: the backend raises
-    faulty_tool = Kernel(ScriptedBackend([call("explode"), "it failed."]), tools=[explode], trace=tmp_path, scheduler=sched, name="faulty")
-    fine = Kernel(ScriptedBackend([call("slow", seconds=0.2), "fine."]), tools=[slow], trace=tmp_path, scheduler=sched, name="fine")
+    broken = Kernel(ScriptedBackend([]), trace=tmp_path, scheduler=sched, config=named("broken"))  # its script is empty: the backend raises
+    faulty_tool = Kernel(ScriptedBackend([call("explode"), "it failed."]), tools=[explode], trace=tmp_path, scheduler=sched, config=named("faulty"))
+    fine = Kernel(ScriptedBackend([call("slow", seconds=0.2), "fine."]), tools=[slow], trace=tmp_path, scheduler=sched, config=named("fine"))
     procs = [sched.start(k, "go") for k in (broken, faulty_tool, fine)]
     for p in procs:
         p.wait(10)
@@ -174,9 +180,9 @@ def test_stopping_one_agent_leaves_the_other_whole(tmp_path):
     store = ListStore()
     sched = Scheduler()
     a = Kernel(ScriptedBackend([call("slow", seconds=1.0), "a done"]), tools=[slow], trace=tmp_path / "a.jsonl",
-               scheduler=sched, name="a", memory=store)
+               scheduler=sched, config=named("a"), memory=Memory(store))
     b = Kernel(ScriptedBackend([call("slow", seconds=0.3), call("slow", seconds=0.3), "b done"]), tools=[slow],
-               trace=tmp_path / "b.jsonl", scheduler=sched, name="b", memory=store)
+               trace=tmp_path / "b.jsonl", scheduler=sched, config=named("b"), memory=Memory(store))
     pa, pb = sched.start(a, "task-of-a"), sched.start(b, "task-of-b")
     wait_until(lambda: pa.state == "waiting", "a in its tool")
     sched.stop("a")
@@ -251,9 +257,9 @@ def test_a_hung_tool_stalls_only_its_agent(tmp_path):
         return "late"
 
     sched = Scheduler()
-    stuck = Kernel(ScriptedBackend([call("hang"), "gave up"]), tools=[hang], trace=tmp_path, scheduler=sched, name="stuck")
+    stuck = Kernel(ScriptedBackend([call("hang"), "gave up"]), tools=[hang], trace=tmp_path, scheduler=sched, config=named("stuck"))
     busy = Kernel(ScriptedBackend([call("slow", seconds=s) for s in (0.0, 0.01, 0.02)] + ["busy done"]), tools=[slow], trace=tmp_path,
-                  scheduler=sched, name="busy")
+                  scheduler=sched, config=named("busy"))
     ps = sched.start(stuck, "go")
     wait_until(lambda: ps.state == "waiting", "stuck in its tool")
     pb = sched.start(busy, "go")

@@ -30,7 +30,7 @@ def problems(tmp_path, text, **kw):
 
 def test_minimal_task_has_defaults(tmp_path):
     task = load_task(write(tmp_path, "goal: hello\n"))
-    assert task.tools.enabled == ["calculator"] and task.budget.max_steps == 8 and task.model.gpu_layers == "auto"
+    assert task.tools.enabled == ["calculator"] and task.budget.steps == 8 and task.model.gpu_layers == "auto"
 
 
 def test_yaml_syntax_error(tmp_path):
@@ -41,13 +41,13 @@ def test_yaml_syntax_error(tmp_path):
 def test_unknown_key_suggests_the_closest(tmp_path):
     (line,) = problems(tmp_path, "goal: hi\nbudgett:\n  max_steps: 2\n")
     assert line.endswith("task.yaml:2: budgett: unknown key 'budgett'; did you mean 'budget'?")
-    (line,) = problems(tmp_path, "goal: hi\nmodel:\n  temprature: 0\n")
-    assert ":3: model.temprature: unknown key 'temprature'; did you mean 'temperature'?" in line
+    (line,) = problems(tmp_path, "goal: hi\nsampling:\n  temprature: 0\n")
+    assert ":3: sampling.temprature: unknown key 'temprature'; did you mean 'temperature'?" in line
 
 
 def test_wrong_types_name_line_and_field(tmp_path):
-    lines = problems(tmp_path, "goal: hi\nmodel:\n  temperature: hot\nbudget:\n  max_steps: zero\n")
-    assert ":3: model.temperature:" in lines[0] and ":5: budget.max_steps:" in lines[1]
+    lines = problems(tmp_path, "goal: hi\nsampling:\n  temperature: hot\nbudget:\n  steps: zero\n")
+    assert ":3: sampling.temperature:" in lines[0] and ":5: budget.steps:" in lines[1]
 
 
 def test_missing_model_file(tmp_path):
@@ -56,21 +56,21 @@ def test_missing_model_file(tmp_path):
 
 
 def test_unknown_tool_and_bad_domain(tmp_path):
-    lines = problems(tmp_path, "goal: hi\ntools:\n  enabled: [calculater]\n  allow_domains: ['http://x.org/a']\n")
+    lines = problems(tmp_path, "goal: hi\ntools:\n  enabled: [calculater]\n  browser:\n    allow_domains: ['http://x.org/a']\n")
     assert "did you mean 'calculator'" in lines[0]
     assert "'http://x.org/a' is not a domain" in lines[1]
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
-    lines = problems(tmp_path, "goal: ''\nmodel:\n  top_k: 0\nchecks:\n  - {}\nextra: 1\n")
+    lines = problems(tmp_path, "goal: ''\nsampling:\n  top_k: 0\nchecks:\n  - {}\nextra: 1\n")
     assert len(lines) == 4
     assert [l.split(":")[1] for l in lines] == sorted([l.split(":")[1] for l in lines], key=int)
 
 
 def test_overrides_and_variables(tmp_path):
     path = write(tmp_path, "goal: 'Weather in {city}?'\nvars: {city: Oslo}\n")
-    task = load_task(path, overrides=["budget.max_steps=2", "model.temperature=0.5"], variables={"city": "Paris"})
-    assert task.budget.max_steps == 2 and task.model.temperature == 0.5 and task.prompt() == "Weather in Paris?"
+    task = load_task(path, overrides=["budget.steps=2", "sampling.temperature=0.5"], variables={"city": "Paris"})
+    assert task.budget.steps == 2 and task.sampling.temperature == 0.5 and task.prompt() == "Weather in Paris?"
     (line,) = problems(tmp_path, "goal: 'hi {who}'\n")
     assert "who" in line and "--var who=" in line
     with pytest.raises(TaskError, match="unknown key"):
@@ -84,19 +84,19 @@ def run_cli(*args, home, timeout=300):
 
 def test_validate_command_exit_codes(tmp_path, llmos_home):
     good = write(tmp_path, "goal: hi\n", "good.yaml")
-    bad = write(tmp_path, "goal: hi\nbudget: {max_steps: -1}\n", "bad.yaml")
+    bad = write(tmp_path, "goal: hi\nbudget: {steps: -1}\n", "bad.yaml")
     assert run_cli("validate", str(good), home=llmos_home).returncode == 0
     proc = run_cli("validate", str(good), str(bad), home=llmos_home)
-    assert proc.returncode == 2 and "bad.yaml:2: budget.max_steps" in proc.stderr
+    assert proc.returncode == 2 and "bad.yaml:2: budget.steps" in proc.stderr
 
 
 def test_agent_passes_and_writes_result(tmp_path, llmos_home):
     task = write(tmp_path, """
 goal: "What is {a} * {b}?"
 vars: {a: 12345, b: 6789}
-model: {max_tokens: 96}
+sampling: {max_tokens: 96}
 tools: {enabled: [calculator], tool_choice: calculator}
-budget: {max_steps: 3}
+budget: {steps: 3}
 artifacts: out
 checks:
   - tool_called: calculator
@@ -111,7 +111,7 @@ checks:
 
 
 def test_agent_failed_check_exits_1(tmp_path, llmos_home):
-    task = write(tmp_path, "goal: Say hello.\ntools: {enabled: []}\nmodel: {max_tokens: 16}\nartifacts: out\nchecks:\n  - file_exists: '*.png'\n")
+    task = write(tmp_path, "goal: Say hello.\ntools: {enabled: []}\nsampling: {max_tokens: 16}\nartifacts: out\nchecks:\n  - file_exists: '*.png'\n")
     proc = run_cli("agent", str(task), home=llmos_home)
     assert proc.returncode == 1, proc.stderr
     result = json.loads((tmp_path / "out" / "result.json").read_text())
@@ -125,7 +125,7 @@ def test_agent_bad_input_exits_2_before_loading(tmp_path, llmos_home):
 
 
 def test_interrupted_run_leaves_clean_trace_and_result(tmp_path, llmos_home):
-    task = write(tmp_path, "goal: Write a very long story about the sea.\ntools: {enabled: []}\nmodel: {max_tokens: 4000}\nartifacts: out\n")
+    task = write(tmp_path, "goal: Write a very long story about the sea.\ntools: {enabled: []}\nsampling: {max_tokens: 4000}\nartifacts: out\n")
     env = {**os.environ, "LLMOS_HOME": str(llmos_home)}
     proc = subprocess.Popen(LLMOS + ["agent", str(task)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     # wait until tokens stream, then kill (SIGTERM)
@@ -159,8 +159,8 @@ def test_file_roots_must_be_folders(tmp_path):
 
 
 def test_several_agents_stop_together_on_sigterm(tmp_path, llmos_home):
-    a = write(tmp_path, "name: a\ngoal: Write a very long story about the sea.\ntools: {enabled: []}\nmodel: {max_tokens: 4000}\nartifacts: out-a\n", "a.yaml")
-    b = write(tmp_path, "name: b\ngoal: Write a very long story about the sky.\ntools: {enabled: []}\nmodel: {max_tokens: 4000}\nartifacts: out-b\n", "b.yaml")
+    a = write(tmp_path, "agent: {name: a}\ngoal: Write a very long story about the sea.\ntools: {enabled: []}\nsampling: {max_tokens: 4000}\nartifacts: out-a\n", "a.yaml")
+    b = write(tmp_path, "agent: {name: b}\ngoal: Write a very long story about the sky.\ntools: {enabled: []}\nsampling: {max_tokens: 4000}\nartifacts: out-b\n", "b.yaml")
     env = {**os.environ, "LLMOS_HOME": str(llmos_home)}
     proc = subprocess.Popen(LLMOS + ["agent", str(a), str(b)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for _ in range(600):  # wait (bounded) until both agents have started writing their traces

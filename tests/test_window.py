@@ -3,7 +3,7 @@
 import json
 
 from llmos import Kernel
-from llmos.memory.window import Budget, Window, fallback_summary
+from llmos.memory.window import Budget, Memory, fallback_summary
 from llmos.messages import Message
 from llmos.testing import ListStore, ScriptedBackend, call
 
@@ -21,35 +21,35 @@ def test_pressure_then_page_out_with_model_summary(tmp_path):
     reply = "Ada keeps the lighthouse and her cat is called Tom."  # every turn, the summary request too
     backend = ScriptedBackend([reply] * 12, n_ctx=520)
     store = ListStore()
-    kernel = Kernel(backend, tools=[], trace=tmp_path, memory=store)
+    kernel = Kernel(backend, tools=[], trace=tmp_path, memory=Memory(store))
     seen = []
     for i in range(6):
         seen += chat(kernel, f"message {i}: my keeper is Ada " + long)
     assert events(seen).count("memory_pressure") >= 1 and "page_out" in events(seen)
     assert events(seen).index("memory_pressure") < events(seen).index("page_out")
-    assert kernel.window.summary == reply  # the model's summary was usable, so it was used
+    assert kernel.memory.summary == reply  # the model's summary was usable, so it was used
     assert store.items and all(i["kind"] == "message" for i in store.items)
     system = backend.seen[-1].messages[1].content
     assert backend.seen[-1].messages[1].role == "system"
     assert "Summary of earlier conversation" in system and reply in system
     assert any("message 0" in h.text for h in store.search("message 0: keeper"))  # paged out, still findable
     # the window fits again, and the paging is in the trace
-    assert backend.count(kernel.window.view(), []) < 0.9 * 520
+    assert backend.count(kernel.memory.view(), []) < 0.9 * 520
     assert any(json.loads(l).get("meta", {}).get("event") == "page_out" for l in kernel.trace.path.read_text().splitlines())
 
 
 def test_unusable_summary_falls_back_to_a_deterministic_one():
-    w = Window(store=ListStore(), budget=Budget(keep_recent=1))
+    w = Memory(store=ListStore(), budget=Budget(keep_recent=1))
     for i in range(6):
         w.add(Message("user", f"fact number {i} " + "x " * 100))
-    notices = list(w.fit(lambda msgs: sum(len(m.content) for m in msgs) // 4, 300, lambda prev, msgs: ""))
+    notices = list(w.fit(lambda msgs: sum(len(m.content) for m in msgs) // 4, 300, lambda msgs: ""))
     assert notices[-1].meta["event"] == "page_out"
     assert w.summary.startswith("- user: fact number 0")
     assert fallback_summary("", []) == ""
 
 
 def test_tool_results_are_paged_out_with_their_call():
-    w = Window(budget=Budget(keep_recent=1, target=0.1))
+    w = Memory(budget=Budget(keep_recent=1, target=0.1))
     w.add(Message("user", "q " * 40))
     w.add(Message("assistant", "", tool_calls=(call("t"),)))
     w.add(Message("tool", "r " * 40, meta={"name": "t"}))
@@ -62,17 +62,17 @@ def test_tool_results_are_paged_out_with_their_call():
 def test_core_memory_tool_edits_the_visible_region(tmp_path):
     backend = ScriptedBackend([call("core_memory", action="append", text="User's name is Ada"), "noted",
                                call("core_memory", action="replace", text="User's name is Ada Lovelace", old="Ada"), "ok", "hi"])
-    kernel = Kernel(backend, tools=[], trace=tmp_path, memory=ListStore())
+    kernel = Kernel(backend, tools=[], trace=tmp_path, memory=Memory(ListStore()))
     chat(kernel, "my name is Ada")
     chat(kernel, "full name Ada Lovelace")
     chat(kernel, "hello")
-    assert kernel.window.core == ["User's name is Ada Lovelace"]
+    assert kernel.memory.core == ["User's name is Ada Lovelace"]
     assert "- User's name is Ada Lovelace" in backend.seen[-1].messages[1].content
     assert {"core_memory", "memory_search", "memory_insert"} <= set(backend.seen[0].tools)
 
 
 def test_core_memory_errors_are_readable():
-    w = Window()
+    w = Memory()
     try:
         w.edit_core("replace", "x", old="missing")
     except ValueError as exc:
@@ -85,7 +85,7 @@ def test_recall_attaches_retrieved_pages_to_the_user_turn(tmp_path):
     store = ListStore()
     store.add(["The lamp error code E-4521 means the lamp failed."], source="manual.md")
     backend = ScriptedBackend(["ok", "ok"])
-    kernel = Kernel(backend, tools=[], trace=tmp_path, memory=store, recall=3)
+    kernel = Kernel(backend, tools=[], trace=tmp_path, memory=Memory(store, recall=3))
     chat(kernel, "what does E-4521 mean")
     sent = backend.seen[0].messages[-1]
     assert sent.role == "user" and "<retrieved_pages>" in sent.content and "manual.md" in sent.content

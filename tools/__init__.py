@@ -8,7 +8,7 @@ Factories must not start anything heavy: browsers and sandboxes start on first c
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +23,42 @@ BUILTIN = {
 
 @dataclass(frozen=True)
 class ToolContext:
-    """Where a run's tools may read and write, and what they may reach."""
+    """Where a run's tools may read and write, and what they may reach. `python` and `browser`
+    take their options objects (llmos.config) or plain dicts of the same fields."""
 
     artifacts: Path  # files the tools produce for the user (plots, screenshots)
     workspace: Path  # the python sandbox's one writable folder
-    allow_domains: tuple[str, ...] = ("127.0.0.1", "localhost")  # browser allow-list (hosts; "*.example.org" allowed)
-    unsandboxed_python: bool = False  # run python without bubblewrap: only when the user asks explicitly
     file_roots: tuple[Path, ...] = ()  # host folders the python sandbox may read (at /files/<name>)
-    options: dict[str, Any] = field(default_factory=dict)  # per-tool extras, e.g. {"python": {"timeout": 30}}
+    python: Any = None  # PythonOptions: sandbox limits, and `unsandboxed` (explicit opt-in only)
+    browser: Any = None  # BrowserOptions: `allow_domains` and limits
+
+    def __post_init__(self) -> None:
+        from llmos.config import BrowserOptions, PythonOptions
+
+        roots = [self.file_roots] if isinstance(self.file_roots, (str, Path)) else self.file_roots
+        object.__setattr__(self, "file_roots", tuple(Path(r) for r in roots))
+
+        for name, kind in (("python", PythonOptions), ("browser", BrowserOptions)):
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                object.__setattr__(self, name, _options(name, kind, value or {}))
 
     @classmethod
     def under(cls, folder: Path, **kwargs: Any) -> "ToolContext":
         """A context whose artifacts and workspace are sub-folders of one run folder."""
         return cls(artifacts=Path(folder) / "artifacts", workspace=Path(folder) / "workspace", **kwargs)
+
+
+def _options(name: str, kind: Any, data: Any) -> Any:
+    import pydantic
+
+    from llmos.toolbox import ToolError
+
+    try:
+        return kind.model_validate(data)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ToolError(f"invalid {name} options ({problems}); known: {', '.join(kind.model_fields)}") from None
 
 
 def load_builtin(name: str, ctx: ToolContext | None = None) -> Any:

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional, Union
 from urllib.parse import urlsplit
 
-import pydantic
 from pydantic import Field
 
+from llmos.config import BrowserOptions  # noqa: F401 - the browser's options live in the config tree
 from llmos.toolbox import Tool, make_tool
 
 Action = Literal["open", "links", "follow", "click", "fill", "submit", "find", "screenshot"]
@@ -85,24 +85,6 @@ class BrowserError(RuntimeError):
 
 class _Fatal(BrowserError):
     """The browser hung or crashed: this session ends and the next call starts a fresh browser."""
-
-
-class BrowserOptions(pydantic.BaseModel):
-    """Limits and paths of the browser tool, read from `ctx.options["browser"]` (seconds, characters)."""
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    nav_timeout: float = Field(10.0, gt=0)  # a page must reach DOMContentLoaded within this
-    action_timeout: float = Field(5.0, gt=0)  # one read, click, fill or screenshot
-    launch_timeout: float = Field(30.0, gt=0)  # Chromium start-up
-    max_chars: int = Field(4000, ge=200)  # page text returned per call
-    max_links: int = Field(60, ge=1)  # links listed per call
-    executable: Optional[str] = None  # a Chromium binary; default /usr/bin/chromium, else Playwright's if installed
-
-    @property
-    def call_limit(self) -> float:
-        """The most one call may take once the browser runs: a navigation and two actions."""
-        return self.nav_timeout + 2 * self.action_timeout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -854,12 +836,8 @@ class Browser:
     """The browser tool's state: settings, the current session, and the watchdog around every call."""
 
     def __init__(self, ctx: Any) -> None:
-        try:
-            self.options = BrowserOptions.model_validate(dict(getattr(ctx, "options", {}) or {}).get("browser", {}))
-        except pydantic.ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise BrowserError(f"invalid browser options ({problems}); known: {', '.join(BrowserOptions.model_fields)}") from None
-        self.domains = normalize_domains(ctx.allow_domains)
+        self.options = ctx.browser
+        self.domains = normalize_domains(ctx.browser.allow_domains)
         self.shots = Path(ctx.artifacts)
         start = len(list(self.shots.glob("screenshot-*.png"))) + 1 if self.shots.exists() else 1
         self.counter = itertools.count(start)
@@ -980,6 +958,6 @@ atexit.register(_close_all)
 
 
 def make(ctx: Any) -> Tool:
-    """The browser tool for one run: pages on `ctx.allow_domains`, screenshots into `ctx.artifacts`;
+    """The browser tool for one run: pages on `ctx.browser.allow_domains`, screenshots into `ctx.artifacts`;
     nothing starts until the first call, and `tool.fn.__self__.close()` stops Chromium (atexit does otherwise)."""
     return Browser(ctx).tool

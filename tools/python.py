@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable
 
-import pydantic
 from pydantic import Field
 
+from llmos.config import PythonOptions  # noqa: F401 - the python tool's options live in the config tree
 from llmos.toolbox import Tool, make_tool
 
 if TYPE_CHECKING:
@@ -69,23 +69,6 @@ SANDBOXED_TOUCHES = "its workspace folder only (bubblewrap: no network, read-onl
 
 class SandboxUnavailable(RuntimeError):
     """bubblewrap is missing or cannot start here, and unsandboxed Python was not allowed."""
-
-
-class PythonOptions(pydantic.BaseModel):
-    """Per-session settings (`ctx.options["python"]`); limits apply to every process in the session."""
-
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
-
-    timeout: float = Field(30.0, gt=0, description="wall-clock seconds per call; the sandbox is killed after it")
-    cpu: int | None = Field(None, ge=1, description="CPU seconds per call, per process (SIGXCPU); default: the timeout")
-    memory_mb: int = Field(1024, ge=64, description="address space per process (RLIMIT_AS)")
-    processes: int = Field(64, ge=4, description="processes and threads in the session")
-    file_mb: int = Field(64, ge=1, description="largest file a process may write (RLIMIT_FSIZE)")
-    tmp_mb: int = Field(64, ge=1, description="size of the private /tmp (tmpfs)")
-    output_bytes: int = Field(8192, ge=256, description="bytes shown per stream (stdout, stderr, value, error)")
-    startup_timeout: float = Field(15.0, gt=0, description="seconds the sandbox may take to start")
-    bwrap: str | None = Field(None, description="path of the bubblewrap binary; default: the module's BWRAP")
-    interpreter: str | None = Field(None, description="the Python that runs the cells; default: INTERPRETER")
 
 
 # The server inside the sandbox. Kept to the stdlib and to one function so it reads in one sitting;
@@ -560,7 +543,7 @@ class PythonSession:
     def _refuse(self, why: str) -> SandboxUnavailable:
         return SandboxUnavailable(
             f"the python tool is disabled: it runs code only inside a bubblewrap sandbox, and {why}. "
-            "Install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap), or set unsandboxed_python=True "
+            "Install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap), or set tools.python.unsandboxed: true "
             "to run code without a sandbox (explicit opt-in)."
         )
 
@@ -767,8 +750,8 @@ def describe(options: PythonOptions, sandboxed: bool = True) -> str:
 
 def make(ctx: ToolContext) -> Tool:
     """The `python` tool for one agent: a session over `ctx.workspace` that starts on its first call."""
-    options = PythonOptions.model_validate(ctx.options.get("python", {}))
-    sandboxed = not ctx.unsandboxed_python
+    options = ctx.python
+    sandboxed = not options.unsandboxed
     session = PythonSession(ctx.workspace, options, sandboxed=sandboxed, file_roots=tuple(ctx.file_roots))
     touches = SANDBOXED_TOUCHES if sandboxed else (
         f"UNSANDBOXED (explicit opt-in): runs as your user with rlimits only, in {ctx.workspace}; "
