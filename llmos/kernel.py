@@ -15,7 +15,8 @@ from llmos.messages import Message, ToolCall, Trace
 from llmos.scheduler import Scheduler, Stopped
 from llmos.toolbox import Toolbox, as_tool
 
-DONE = {"answer": "done", "max_steps": "done", "timeout": "done", "tokens": "done", "stopped": "stopped", "interrupted": "stopped"}
+DONE = {"answer": "done", "max_steps": "done", "timeout": "done", "tokens": "done",
+        "stopped": "stopped", "interrupted": "stopped", "abandoned": "stopped"}  # exit -> process state
 
 
 def _call_key(call: ToolCall) -> str:
@@ -80,12 +81,10 @@ class Kernel:
         kernel message with meta {"exit": answer | max_steps | timeout | tokens | stopped}."""
         try:
             yield from self._run(prompt, stream, tool_choice or self.config.tools.tool_choice)
-        except KeyboardInterrupt:
-            self._end("interrupted", "interrupted (Ctrl-C)", None)  # into the trace, then up to the caller
-            raise
-        except GeneratorExit:
-            if self.process.state not in ("done", "stopped"):
-                self.scheduler.set_state(self.process, "stopped", "abandoned")  # the caller stopped reading
+        except (KeyboardInterrupt, GeneratorExit) as exc:  # Ctrl-C, or the caller stopped reading
+            if self.process.state not in ("done", "stopped"):  # the ending goes into the trace too
+                why = "interrupted" if isinstance(exc, KeyboardInterrupt) else "abandoned"
+                self._end(why, f"run {why}", None)
             raise
         except BaseException as exc:
             self.scheduler.set_state(self.process, "failed", f"{type(exc).__name__}: {exc}")
@@ -134,7 +133,8 @@ class Kernel:
     def _turn(self, choice: str, stream: bool) -> Generator[Message, None, Message]:
         """One model turn, after fitting the window into the context; yields memory notices and
         (when streaming) tokens, returns the reply. A window that still does not fit evicts."""
-        for notice in self.memory.fit(self._count, self.backend.n_ctx, self._summary):
+        count = lambda msgs: self.backend.count(msgs, list(self.tools))  # noqa: E731
+        for notice in self.memory.fit(count, self.backend.n_ctx, self._summary):
             yield self._add(notice)
         while True:
             try:
@@ -163,9 +163,6 @@ class Kernel:
         """The last message of every run, in the trace and the process table."""
         self.scheduler.set_state(self.process, DONE[exit], exit)
         return self._add(Message("kernel", text, meta={"exit": exit, "steps": steps}))
-
-    def _count(self, messages: list[Message]) -> int:
-        return self.backend.count(messages, list(self.tools))
 
     def _count_use(self, reply: Message) -> int:
         stats = reply.meta.get("stats") or {}

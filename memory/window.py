@@ -175,10 +175,11 @@ class Memory:
     def evict(self, why: str) -> Message | None:
         """The last resort when even the paged window does not fit (one huge message): the oldest
         message, with the tool results of its calls, goes to the store and the summary. Returns the
-        kernel notice, or None when only the current message is left."""
-        if len(self.messages) <= 1:
-            return None
-        out = self._take_oldest(len(self.messages) - 1)
+        kernel notice, or None when only the current message (or call and results) is left."""
+        group = 1 + next((i for i, m in enumerate(self.messages[1:]) if m.role != "tool"), len(self.messages) - 1)
+        if group >= len(self.messages):
+            return None  # what is left is the current exchange: a call is never torn from its results
+        out = self._take_oldest(group)
         self._store(out)
         self.summary = fallback_summary(self.summary, out)
         self.paged_out += len(out)

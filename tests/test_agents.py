@@ -26,13 +26,13 @@ def new_backend(**model):
 def test_output_is_identical_alone_and_interleaved(tmp_path):
     alone = new_backend()
     try:
-        expected_a = answers(Kernel(alone, trace=tmp_path, config={"agent": {"name": "a"}}), PROMPTS_A)
+        expected_a = answers(Kernel(alone, trace=tmp_path, config={"agent": {"name": "a"}, "sampling": {"max_tokens": 40}}), PROMPTS_A)
     finally:
         alone.close()
     shared = new_backend(kv_ram_mb=0)  # no RAM for saved states: every switch goes through disk
     try:
-        a = Kernel(shared, trace=tmp_path, config={"agent": {"name": "a"}})
-        b = Kernel(shared, trace=tmp_path, config={"agent": {"name": "b"}})
+        a = Kernel(shared, trace=tmp_path, config={"agent": {"name": "a"}, "sampling": {"max_tokens": 40}})
+        b = Kernel(shared, trace=tmp_path, config={"agent": {"name": "b"}, "sampling": {"max_tokens": 40}})
         got_a = []
         for i, p in enumerate(PROMPTS_A):
             got_a += answers(a, [p])
@@ -54,7 +54,7 @@ def test_agents_in_threads_share_the_model_and_tools_run_meanwhile(tmp_path):
     shared = new_backend()
     try:
         sched = Scheduler()
-        kernels = [Kernel(shared, tools=[load_builtin("calculator")], trace=tmp_path, config={"agent": {"name": f"agent{i}"}}, scheduler=sched)
+        kernels = [Kernel(shared, tools=[load_builtin("calculator")], trace=tmp_path, config={"agent": {"name": f"agent{i}"}, "sampling": {"max_tokens": 40}}, scheduler=sched)
                    for i in range(3)]
         results = {}
 

@@ -398,7 +398,7 @@ def test_close_leaves_no_chromium_behind(tmp_path, site):
 def test_browser_through_the_kernel(llama_backend, browser, site, tmp_path):
     from llmos import Kernel
 
-    kernel = Kernel(llama_backend, tools=[browser.tool], trace=tmp_path, config={"budget": {"steps": 3}})
+    kernel = Kernel(llama_backend, tools=[browser.tool], trace=tmp_path, config={"budget": {"steps": 3}, "sampling": {"max_tokens": 96}})
     msgs = list(kernel.run(f"Open {site}/about and tell me who made the site.", tool_choice="browser"))
     call = msgs[1].tool_calls[0]
     assert call.name == "browser" and call.arguments["action"] in browser.tool.parameters["properties"]["action"]["enum"]

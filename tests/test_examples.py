@@ -46,7 +46,7 @@ def test_readme_scheduler_block_runs_two_agents_on_one_model(tmp_path):
              "assert [(r['name'], r['priority'], r['state']) for r in rows] == [('writer', 1, 'done'), ('checker', 0, 'done')], rows\n"
              "assert all(r['turns'] >= 1 and r['tokens'] > 0 for r in rows) and all(isinstance(a, str) for a in answers)\n"
              "print('ok')")
-    assert run_readme_block("Scheduler()", tmp_path, check).strip().endswith("ok")
+    assert run_readme_block("Resources()", tmp_path, check).strip().endswith("ok")
 
 
 import functools

@@ -21,7 +21,7 @@ def test_early_fact_is_paged_out_then_recalled_by_memory_search(small_backend, t
 
     store = MemoryStore(tmp_path / "memory")
     try:
-        kernel = Kernel(small_backend, tools=[], trace=tmp_path, memory=Memory(store))
+        kernel = Kernel(small_backend, tools=[], trace=tmp_path, memory=Memory(store), config={"sampling": {"max_tokens": 48}})
         list(kernel.run("Remember this: my locker code is 7391."))
         filler = "Tell me something about the history of lighthouses and ships at sea, in detail. " * 3
         notices = []

@@ -12,6 +12,8 @@ from llmos import Kernel, Message, build, tool
 from llmos.gguf import ModelFileError
 from llmos.tools.calculator import calculator
 
+SHORT = {"sampling": {"max_tokens": 96}}  # each agent samples by its own config
+
 
 @tool
 def get_weather(city: str, unit: str = "celsius") -> str:
@@ -27,7 +29,7 @@ def send_email(to: str, subject: str, body: str) -> str:
 
 @pytest.fixture
 def kernel(llama_backend, tmp_path):
-    return Kernel(llama_backend, tools=[calculator], trace=tmp_path)
+    return Kernel(llama_backend, tools=[calculator], config=SHORT, trace=tmp_path)
 
 
 def test_forced_calculator_call_runs_and_loop_ends_with_answer(kernel):
@@ -50,7 +52,7 @@ def test_every_required_call_parses_and_validates(llama_backend, tmp_path):
         "What is the weather in Paris?", "Compute 2**64.", "Email bob@example.com that the build passed.",
         "Is it raining in Tokyo?", "integrate x squared", "Tell me a joke.",
     ]
-    kernel = Kernel(llama_backend, tools=tools, trace=tmp_path)
+    kernel = Kernel(llama_backend, tools=tools, config=SHORT, trace=tmp_path)
     by_name = {t.name: t for t in tools}
     for prompt in prompts:
         reply = kernel.complete([{"role": "user", "content": prompt}], tools, tool_choice="required")
@@ -60,7 +62,7 @@ def test_every_required_call_parses_and_validates(llama_backend, tmp_path):
 
 
 def test_plain_answer_streams_tokens(llama_backend, tmp_path):
-    kernel = Kernel(llama_backend, trace=tmp_path)
+    kernel = Kernel(llama_backend, config=SHORT, trace=tmp_path)
     msgs = list(kernel.run("Say hello in one short sentence.", stream=True))
     deltas = [m.content for m in msgs if m.is_delta]
     answer = [m for m in msgs if m.role == "assistant" and not m.is_delta][-1]
@@ -74,7 +76,7 @@ def test_plain_answer_streams_tokens(llama_backend, tmp_path):
 def test_complete_with_openai_tool_dicts(llama_backend, tmp_path):
     spec = {"type": "function", "function": {"name": "lookup_order", "description": "Find an order by id",
                                               "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}}
-    kernel = Kernel(llama_backend, trace=tmp_path)
+    kernel = Kernel(llama_backend, config=SHORT, trace=tmp_path)
     reply = kernel.complete([{"role": "user", "content": "Where is my order A-1234?"}], [spec], tool_choice="required")
     assert isinstance(reply, Message) and reply.tool_calls[0].name == "lookup_order"
     assert isinstance(reply.tool_calls[0].arguments["order_id"], str)

@@ -5,6 +5,8 @@ import pytest
 from llmos import Kernel
 from llmos.tools import ToolContext, load_builtin
 
+SHORT = {"sampling": {"max_tokens": 96}}  # each agent samples by its own config
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -13,7 +15,7 @@ def run(kernel, prompt, choice):
 
 
 def test_calculator_through_the_kernel(llama_backend, tmp_path):
-    kernel = Kernel(llama_backend, tools=[load_builtin("calculator")], trace=tmp_path)
+    kernel = Kernel(llama_backend, tools=[load_builtin("calculator")], config=SHORT, trace=tmp_path)
     msgs = run(kernel, "What is 2**64?", "calculator")
     result = next(m for m in msgs if m.role == "tool")
     assert not result.meta.get("error"), result.content
@@ -22,7 +24,7 @@ def test_calculator_through_the_kernel(llama_backend, tmp_path):
 
 def test_plot_through_the_kernel(llama_backend, tmp_path):
     ctx = ToolContext.under(tmp_path)
-    kernel = Kernel(llama_backend, tools=[load_builtin("plot", ctx)], trace=tmp_path)
+    kernel = Kernel(llama_backend, tools=[load_builtin("plot", ctx)], config=SHORT, trace=tmp_path)
     msgs = run(kernel, "Plot the numbers 1, 4, 9, 16, 25 as a line chart titled Squares.", "plot")
     call = msgs[1].tool_calls[0]
     assert call.name == "plot" and call.arguments["kind"] in ("line", "scatter", "bar", "histogram")
