@@ -68,7 +68,8 @@ def switch_cost(backend: LlamaBackend, tokens: int, spill: Path) -> dict:
 def throughput(backend: LlamaBackend, tmp: Path) -> dict:
     """The same 4 agents one after another, then at once through one scheduler."""
     def agent(i: int, scheduler: Scheduler | None = None) -> dict:
-        k = Kernel(backend, tools=[wait_for_data], trace=tmp, config={"agent": {"name": f"agent{i}"}, "budget": {"steps": 3}}, scheduler=scheduler)
+        k = Kernel(backend, tools=[wait_for_data], trace=tmp, config={"agent": {"name": f"agent{i}"}, "budget": {"steps": 3}, "sampling": {"max_tokens": 48}},
+                   scheduler=scheduler)
         stats = [m.meta["stats"] for m in k.run(f"Agent {i}: get the reading from the slow data source.",
                                                  tool_choice="wait_for_data") if m.role == "assistant" and not m.is_delta]
         backend.forget(k.key)

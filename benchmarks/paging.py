@@ -31,7 +31,7 @@ def main() -> None:
     backend = LlamaBackend(ModelConfig(gpu_layers=0, n_ctx=args.n_ctx), Sampling(max_tokens=48))
     with tempfile.TemporaryDirectory() as tmp:
         store = MemoryStore(Path(tmp) / "memory")
-        kernel = Kernel(backend, tools=[], trace=Path(tmp), memory=Memory(store))
+        kernel = Kernel(backend, tools=[], trace=Path(tmp), memory=Memory(store), config={"sampling": {"max_tokens": 48}})
         # system prompt + tools block, rendered alone (this count includes the template's few
         # generation-prompt tokens, which a longer prompt does not share)
         prefix = backend.count([kernel.memory.view()[0]], list(kernel.tools))

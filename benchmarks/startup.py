@@ -61,7 +61,7 @@ def main() -> None:
         prompt_s = median_time(lambda: shell_prompt(home), args.runs)
         load_s = median_time(model_load, args.runs)
         task = Path(home) / "t.yaml"
-        task.write_text("goal: Say hello.\ntools: {enabled: []}\nmodel: {max_tokens: 8}\nartifacts: out\n")
+        task.write_text("goal: Say hello.\ntools: {enabled: []}\nsampling: {max_tokens: 8}\nartifacts: out\n")
         firsts, totals = [], []
         for _ in range(args.runs):
             t0 = time.perf_counter()

@@ -35,15 +35,17 @@ class Backend(Protocol):
     notes: tuple[str, ...]
 
     def turn(self, messages: Sequence[Message], tools: Sequence[Tool], tool_choice: str = "auto",
-             agent: str = "main", sampling: Sampling | None = None) -> Iterator[Message]:
+             agent: str = "main", sampling: Sampling | None = None, prefix: str = "") -> Iterator[Message]:
         """Decode one assistant turn: yields `Message("assistant", piece, meta={"delta": True})` as
         text streams, then the complete assistant Message (text, or tool calls with parsed arguments;
         meta["stats"] counts at least prompt_tokens, evaluated_tokens and generated_tokens, and
         meta["raw"], if set, is the text as generated).
         tool_choice: "auto" | "required" | "none" | a tool name. agent: whose conversation this is,
         each agent keeps its own cached context. sampling: replaces the backend's default for this
-        turn. Raises ContextFull when the prompt does not fit in n_ctx, GrammarError when the tools
-        give an unusable grammar (or tool_choice names no tool)."""
+        turn. prefix: with tool_choice "none", the answer begins with this text (already said; the
+        model continues it). A tool's `constraint`, when set, is the schema its calls must satisfy
+        (the prompt still shows its `parameters`). Raises ContextFull when the prompt does not fit
+        in n_ctx, GrammarError when the tools give an unusable grammar (or tool_choice names no tool)."""
         ...
 
     def count(self, messages: Sequence[Message], tools: Sequence[Tool]) -> int:

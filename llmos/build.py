@@ -29,6 +29,7 @@ class Resources:
         self.schedulers: dict[int, Scheduler] = {}
         self.stores: dict[str, Any] = {}
         self.publisher = publisher
+        self._router: Any = None
 
     def backend(self, model: ModelConfig) -> Any:
         if model not in self.backends:
@@ -36,6 +37,15 @@ class Resources:
 
             self.backends[model] = LlamaBackend(model)
         return self.backends[model]
+
+    def router(self) -> Any:
+        """The tool router, shared: its embedder (offline MiniLM) loads on the first decision."""
+        if self._router is None:
+            from llmos.decide import Router
+            from llmos.memory.embed import MiniLMEmbedder
+
+            self._router = Router(MiniLMEmbedder())
+        return self._router
 
     def scheduler(self, backend: Any) -> Scheduler:
         if id(backend) not in self.schedulers:
@@ -131,7 +141,8 @@ def build(
                         recall=m.recall, budget=Budget(warn=m.warn, limit=m.limit))
         folder = artifacts or home_dir() / "runs" / f"{config.agent.name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
         kernel = Kernel(backend, [*make_tools(config, Path(folder), base), *tools], memory=memory, config=config,
-                        scheduler=resources.scheduler(backend), approve=approve, trace=trace)
+                        scheduler=resources.scheduler(backend), approve=approve, trace=trace,
+                        router=resources.router() if config.tools.route else None)
     except BaseException:
         if own:
             resources.close()

@@ -354,6 +354,46 @@ def ps(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> Non
         agents_table(t["agents"], title=f"process {t['pid']}: llmos {t['command']}")
 
 
+@app.command("eval")
+def eval_(
+    suites: List[Path] = typer.Argument(..., help="Suites (JSONL, one case a line): BFCL-style or routing cases; see examples/evals/."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Path to a .gguf model (default: SmolLM2-135M-Instruct)."),
+    mode: str = typer.Option("both", "--mode", help="tool_choice for BFCL-style cases: auto | required | both."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Run only the first N cases of each suite."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report JSON instead of a table."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the scores as a PNG bar chart."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the report JSON to this file."),
+    override: List[str] = typer.Option([], "-o", help=OVERRIDE_HELP),
+) -> None:
+    """Measure tool use: selection, parse rate, BFCL AST accuracy, answers and latency, per case."""
+    import time
+
+    from llmos.build import Resources
+    from llmos.evals import EVAL_DEFAULTS, MODES, SuiteError, plot_report, print_report, run_eval
+    from llmos.render import out as console
+
+    if mode not in ("auto", "required", "both"):
+        raise fail(f"--mode {mode!r}: expected auto, required or both")
+    resources = Resources()
+    try:
+        settings = _settings(override, {"model": {"path": str(model) if model else None}}, EVAL_DEFAULTS)
+        report = run_eval(suites, settings, resources, modes=MODES if mode == "both" else (mode,), limit=limit,
+                          folder=settings.runs_dir / time.strftime("eval-%Y%m%d-%H%M%S"), show_progress=True)
+    except (*_errors(), SuiteError) as exc:
+        raise fail(str(exc)) from None
+    finally:
+        resources.close()
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    if plot is not None:
+        plot_report(report, plot)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+    else:
+        print_report(report, console)
+
+
 def main() -> None:
     app()
 

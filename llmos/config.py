@@ -121,6 +121,7 @@ class ToolsConfig(Section):
     # built-in names, or user tools as "module:attribute" (a @tool, a typed function or an OpenAI tool dict)
     enabled: list[str] = ["calculator"]
     tool_choice: str = "auto"  # first turn: auto | required | none | a tool name
+    route: bool = True  # in auto mode the kernel decides (llmos/decide.py) whether a turn needs a tool; false: the model alone
     file_roots: list[str] = []  # folders the python tool may read (read-only, at /files/<name>); relative to the task file
     python: PythonOptions = PythonOptions()
     browser: BrowserOptions = BrowserOptions()

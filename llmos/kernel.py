@@ -10,6 +10,7 @@ from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, Sequen
 
 from llmos.backend import Backend, ContextFull
 from llmos.config import Config
+from llmos.decide import Router, second_pass, says
 from llmos.memory.window import Memory
 from llmos.messages import Message, ToolCall, Trace
 from llmos.scheduler import Scheduler, Stopped
@@ -19,34 +20,25 @@ DONE = {"answer": "done", "max_steps": "done", "timeout": "done", "tokens": "don
         "stopped": "stopped", "interrupted": "stopped", "abandoned": "stopped"}  # exit -> process state
 
 
-def _call_key(call: ToolCall) -> str:
-    return json.dumps([call.name, dict(call.arguments)], sort_keys=True, default=str)
-
-
 class Kernel:
     """A model with tools and memory. `run` yields Messages; `complete` plans one turn, runs nothing.
-
-    backend: the model (llmos.llama.LlamaBackend, llmos.testing.ScriptedBackend, ...); the kernel
-    never closes it: whoever made it does (build's Resources, or you). tools: @tool functions,
-    typed functions or OpenAI-format tool dicts. memory: the window and the store behind it
-    (default: a window of its own, no store). config: a Config (or a dict of one) for the
-    sampling, budget, tool_choice and agent settings. scheduler: kernels sharing one backend
-    share one Scheduler (turns by priority, then round-robin; one process table). approve: asked
-    before each call; a refusal reaches the model as a tool message. trace: a .jsonl file, a
-    folder that gets one file per kernel, or a Trace (default <home>/traces).
-    Most callers build kernels with `llmos.build` rather than by hand.
-    """
+    Most callers get one from `llmos.build`. backend: the model, never closed here (its maker
+    does). tools: @tool functions, typed functions or OpenAI tool dicts. memory: window and store.
+    config: a Config or a dict of one (sampling, budget, tool_choice, agent). scheduler: shared by
+    kernels on one backend. approve: asked before each call. trace: a .jsonl file or a folder.
+    router: decides in auto mode whether a turn needs a tool, and which (llmos.decide)."""
 
     def __init__(self, backend: Backend, tools: Iterable[Any] = (), *, memory: Memory | None = None,
                  config: Config | Mapping[str, Any] | None = None, scheduler: Scheduler | None = None,
-                 approve: Callable[[ToolCall], bool] | None = None, trace: str | Path | Trace | None = None) -> None:
+                 approve: Callable[[ToolCall], bool] | None = None, trace: str | Path | Trace | None = None,
+                 router: Router | None = None) -> None:
         self.backend = backend
         self.config = config if isinstance(config, Config) else Config.model_validate(config or {})
         self.memory = memory if memory is not None else Memory()
         if self.memory.system is None:
             self.memory.system = self.config.agent.system
         self.tools = Toolbox([*tools, *self.memory.tools()])
-        self.approve = approve
+        self.approve, self.router = approve, router
         self.trace = trace if isinstance(trace, Trace) else Trace.at(trace)
         self.name = self.config.agent.name or self.trace.path.stem
         self.key = f"{self.name}#{uuid.uuid4().hex[:8]}"  # backends keep one cached context per key
@@ -92,7 +84,11 @@ class Kernel:
 
     def _run(self, prompt: str, stream: bool, choice: str) -> Iterator[Message]:
         yield self._add(self.memory.user_turn(prompt))
-        budget, seen, used, step = self.config.budget, set(), 0, 0
+        budget, seen, used, step, prefix, decided = self.config.budget, set(), 0, 0, "", False
+        if choice == "auto" and self.router is not None and len(self.tools):
+            decision = self.router.decide(prompt, list(self.tools))  # the kernel decides: a tool, or an answer
+            yield self._add(decision.message())
+            choice, decided = decision.tool or "none", decision.tool is not None
         deadline = time.monotonic() + budget.seconds if budget.seconds else None
         try:
             for step in range(1, budget.steps + 1):
@@ -105,8 +101,15 @@ class Kernel:
                 if step == budget.steps and len(self.tools) and choice != "none":
                     choice = "none"  # the last step must answer, so every run ends on an answer
                     yield self._add(Message("kernel", "last step: the model must answer", meta={"event": "force_answer", "why": "last_step"}))
-                reply = yield from self._turn(choice, stream)
-                used += self._count_use(reply)
+                reply = yield from self._turn(choice, stream, prefix)
+                if reply.tool_calls and choice in self.tools:  # a call the kernel or the user chose: is it sound?
+                    reply, notice = second_pass(reply, list(self.tools), prompt, lambda ts, name: self._reply(self.memory.view(), ts, name), decided)
+                    if notice is not None:
+                        yield self._add(notice)
+                        used += notice.meta["extra_tokens"]
+                spent = sum((reply.meta.get("stats") or {}).get(k, 0) for k in ("evaluated_tokens", "generated_tokens"))
+                self.scheduler.count(self.process, steps=1, tokens=spent)
+                used += spent
                 yield self._add(reply)
                 if not reply.tool_calls:
                     if str(reply.meta.get("raw", "")).startswith("<tool_call>") and step < budget.steps:
@@ -118,9 +121,13 @@ class Kernel:
                 if self.stop.is_set():
                     raise Stopped(self.name)
                 self.scheduler.set_state(self.process, "waiting")
-                for result in self._call_tools(reply.tool_calls):
+                results = self.tools.call_all(reply.tool_calls, self.approve)
+                for result in results:
                     yield self._add(result)
-                keys = {_call_key(c) for c in reply.tool_calls}
+                if decided:  # the kernel chose this call: the answer follows, stating the result as the tool says it
+                    choice, prefix = "none", says(self.tools.get(reply.tool_calls[0].name), reply.tool_calls[0], results[0]) if len(results) == 1 else ""
+                    continue
+                keys = {json.dumps([c.name, dict(c.arguments)], sort_keys=True, default=str) for c in reply.tool_calls}
                 choice = "none" if keys <= seen else "auto"
                 if keys <= seen:  # the same calls again: stop looping, answer
                     yield self._add(Message("kernel", "repeated call: the model must answer", meta={"event": "force_answer", "why": "repeated_call"}))
@@ -130,7 +137,7 @@ class Kernel:
             return
         yield self._end("max_steps", "step budget exhausted", budget.steps)
 
-    def _turn(self, choice: str, stream: bool) -> Generator[Message, None, Message]:
+    def _turn(self, choice: str, stream: bool, prefix: str = "") -> Generator[Message, None, Message]:
         """One model turn, after fitting the window into the context; yields memory notices and
         (when streaming) tokens, returns the reply. A window that still does not fit evicts."""
         count = lambda msgs: self.backend.count(msgs, list(self.tools))  # noqa: E731
@@ -139,7 +146,7 @@ class Kernel:
         while True:
             try:
                 with self.scheduler.turn(self.process):
-                    for msg in self.backend.turn(self.memory.view(), list(self.tools), choice, self.key, self.config.sampling):
+                    for msg in self.backend.turn(self.memory.view(), list(self.tools), choice, self.key, self.config.sampling, prefix):
                         if self.stop.is_set():
                             raise Stopped(self.name)
                         if not msg.is_delta:
@@ -164,12 +171,6 @@ class Kernel:
         self.scheduler.set_state(self.process, DONE[exit], exit)
         return self._add(Message("kernel", text, meta={"exit": exit, "steps": steps}))
 
-    def _count_use(self, reply: Message) -> int:
-        stats = reply.meta.get("stats") or {}
-        spent = stats.get("evaluated_tokens", 0) + stats.get("generated_tokens", 0)
-        self.scheduler.count(self.process, steps=1, tokens=spent)
-        return spent
-
     def _summary(self, messages: list[Message]) -> str:
         """The model's reply to the memory's summary request ("" when it does not fit)."""
         try:
@@ -184,30 +185,29 @@ class Kernel:
                     return msg
         raise RuntimeError("backend ended a turn without a message")
 
-    def _call_tools(self, calls: Sequence[ToolCall]) -> list[Message]:
-        """Run the approved calls concurrently; refused ones answer with a tool message. Call order kept."""
-        allowed = [c for c in calls if self.approve is None or self.approve(c)]
-        done = dict(zip((c.id for c in allowed), self.tools.call_all(allowed)))
-        refused = lambda c: Message("tool", f"error: the user did not allow this call to {c.name!r}", meta={"tool_call_id": c.id, "name": c.name, "error": True, "refused": True})  # noqa: E731
-        return [done.get(c.id) or refused(c) for c in calls]
-
     def complete(self, messages: Sequence[Mapping[str, Any] | Message], tools: Iterable[Any] = (), *,
                  tool_choice: str = "auto") -> Message:
-        """The model's next message for OpenAI-style messages and tools; nothing is executed."""
+        """The model's next message for OpenAI-style messages and tools; nothing is executed. It is
+        decided as in `run` (routed in auto mode, a chosen call checked); meta says how."""
         if isinstance(messages, (str, Mapping)):
             raise TypeError("messages must be a list of messages, e.g. [{'role': 'user', 'content': '...'}]")
-        msgs = [m if isinstance(m, Message) else Message.from_dict(m) for m in messages]
-        return self._reply(msgs, [as_tool(t) for t in tools], tool_choice)
+        msgs, tools = [m if isinstance(m, Message) else Message.from_dict(m) for m in messages], [as_tool(t) for t in tools]
+        request, meta = next((m.content for m in reversed(msgs) if m.role == "user"), ""), {}
+        if tool_choice == "auto" and self.router is not None and tools:
+            meta["route"] = (decision := self.router.decide(request, tools)).message().meta
+            tool_choice = decision.tool or "none"
+        reply = self._reply(msgs, tools, tool_choice)
+        if reply.tool_calls:
+            reply, notice = second_pass(reply, tools, request, lambda ts, name: self._reply(msgs, ts, name))
+            meta.update({"system2": notice.meta} if notice is not None else {})
+        return Message(reply.role, reply.content, reply.tool_calls, {**reply.meta, **meta})
 
     def close(self) -> None:
         """Release this agent's tools and its cached state in the backend, and what build() made
         for this kernel alone. A shared backend is closed by its owner, not here."""
         self.backend.forget(self.key)
-        for t in self.tools:
-            if t.close is not None:
-                t.close()
-        for thing in self.owned:
-            thing.close()
+        for close in [t.close for t in self.tools if t.close is not None] + [thing.close for thing in self.owned]:
+            close()
         self.owned.clear()
 
     def __enter__(self) -> "Kernel":

@@ -12,6 +12,7 @@ Agents sharing the model keep their own KV state across switches (llmos.kvstate)
 from __future__ import annotations
 
 import codecs
+import re
 import ctypes
 import os
 import threading
@@ -61,7 +62,7 @@ def _message_dicts(messages: Sequence[Message], tools: Sequence[Tool]) -> list[d
         if m.role == "kernel" or m.is_delta:
             continue  # kernel notices are for the user and the trace, not the model
         if m.role == "assistant":
-            content = m.meta.get("raw") or m.content or "\n".join(render_call(c) for c in m.tool_calls)
+            content = m.meta.get("raw") or m.content or "".join(render_call(c) for c in m.tool_calls)  # back to back, as the grammar has them
             out.append({"role": "assistant", "content": content})
         elif m.role == "tool":
             name = m.meta.get("name", "tool")
@@ -88,15 +89,30 @@ def _must_close(text: str, tokens_left: int) -> bool:
     return len(call) > 4 * REPEAT_SPAN and call.count(tail) >= 3  # looping on the same text
 
 
+# With tools around, an answer must not open like a call or a tool response (small models echo them).
+ANSWER_ONLY = 'root ::= [^<\\x00 \\t\\r\\n] [^\\x00]*'
+
+
+def _repeated_sentence(text: str) -> int | None:
+    """Where the sentence (or line) that just ended repeats one said before: the position to cut
+    the text at, else None."""
+    m = re.search(r"([^.!?\n]{12,}[.!?\n])\s*$", text)
+    if m is None:
+        return None
+    sentence = m.group(1).strip()
+    return m.start(1) if sentence in text[:m.start(1)] else None
+
+
 def _drop_last_call(text: str) -> str:
     return text[: text.rindex(CALL_OPEN)].rstrip("\n")
 
 
-def _without_tool_role(dicts: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Tool results as user turns, merging neighbours of the same role (for strict templates)."""
+def _without_tool_role(dicts: list[dict[str, str]], system: bool = True) -> list[dict[str, str]]:
+    """Tool results as user turns, merging neighbours of the same role (for strict templates).
+    system=False: the system message opens the first user turn (templates with no system role)."""
     out: list[dict[str, str]] = []
     for d in dicts:
-        role = "user" if d["role"] == "tool" else d["role"]
+        role = "user" if d["role"] == "tool" or (d["role"] == "system" and not system) else d["role"]
         if out and out[-1]["role"] == role and role != "system":
             out[-1] = {"role": role, "content": out[-1]["content"] + "\n\n" + d["content"]}
         else:
@@ -272,19 +288,24 @@ class LlamaBackend:
 
     def render(self, messages: Sequence[Message], tools: Sequence[Tool]) -> str:
         """The prompt text from the GGUF's chat template. Templates that know no `tool` role (or
-        insist on alternating user/assistant turns) get tool results as user turns instead."""
+        insist on alternating user/assistant turns) get tool results as user turns instead, and
+        templates that reject or drop a system message (Gemma 2's) get it atop the first user turn."""
         import jinja2
 
         dicts = _message_dicts(messages, tools)
-        if not self._tool_role:
-            dicts = _without_tool_role(dicts)
-        try:
-            return self.format(messages=dicts).prompt
-        except (jinja2.TemplateError, ValueError) as exc:
-            if not self._tool_role:
-                raise ModelFileError(f"{self.path}: the model's chat template failed ({exc})") from None
-            self._tool_role = False
-            return self.render(messages, tools)
+        tries = ([dicts] if self._tool_role else []) + [_without_tool_role(dicts), _without_tool_role(dicts, system=False)]
+        problem = "it leaves out the system message"
+        for attempt in tries:
+            try:
+                prompt = self.format(messages=attempt).prompt
+            except (jinja2.TemplateError, ValueError) as exc:
+                problem = str(exc)
+                if attempt is dicts:
+                    self._tool_role = False  # it rejects the tool role (or more): the strict forms from now on
+                continue
+            if attempt[0]["role"] != "system" or attempt[0]["content"].strip() in prompt:
+                return prompt
+        raise ModelFileError(f"{self.path}: the model's chat template failed ({problem})")
 
     def tokenize(self, text: str) -> list[int]:
         add_bos = bool(self.lc.llama_vocab_get_add_bos(self.vocab)) and not (self.bos_text and text.startswith(self.bos_text))
@@ -304,15 +325,17 @@ class LlamaBackend:
         """Tokens the rendered prompt takes (the window's budget is counted with this)."""
         return len(self._tokens_for(self.render(messages, tools)))
 
-    def grammar_for(self, tools: Sequence[Tool], tool_choice: str) -> str | None:
-        if not tools or tool_choice == "none":
+    def grammar_for(self, tools: Sequence[Tool], tool_choice: str, prefix: str = "") -> str | None:
+        if not tools or (tool_choice == "none" and prefix):
             return None
+        if tool_choice == "none":
+            return ANSWER_ONLY
         if tool_choice not in ("auto", "required"):
             chosen = [t for t in tools if t.name == tool_choice]
             if not chosen:
                 raise GrammarError(f"tool_choice {tool_choice!r} is not one of the tools: {', '.join(t.name for t in tools)}")
-            return tool_call_grammar([(t.name, t.parameters) for t in chosen], "required")
-        return tool_call_grammar([(t.name, t.parameters) for t in tools], tool_choice)
+            return tool_call_grammar([(t.name, t.constraint or t.parameters) for t in chosen], "required")
+        return tool_call_grammar([(t.name, t.constraint or t.parameters) for t in tools], tool_choice)
 
     def _prefill(self, tokens: list[int]) -> tuple[int, int]:
         """Evaluate the prompt, reusing the longest cached prefix; returns (cached, evaluated)."""
@@ -375,6 +398,8 @@ class LlamaBackend:
                 piece = self._piece(t)
                 if self.lc.llama_vocab_is_eog(self.vocab, t):
                     bias[t] = 300.0
+                elif any(c in piece for c in b"{[,:"):
+                    continue  # opens more (`},{`, `", "`) after what it closes: no way to the end
                 elif piece.startswith(b'"'):
                     bias[t] = 200.0 + 20.0 * (b"}" in piece)
                 elif piece.startswith((b"}", b"]")):
@@ -384,16 +409,19 @@ class LlamaBackend:
 
     # -- one turn -------------------------------------------------------------------------
     def turn(self, messages: Sequence[Message], tools: Sequence[Tool], tool_choice: str = "auto",
-             agent: str = "main", sampling: Sampling | None = None) -> Iterator[Message]:
+             agent: str = "main", sampling: Sampling | None = None, prefix: str = "") -> Iterator[Message]:
         """Decode one assistant turn under the turn grammar, yielding deltas then the message.
 
         `agent` names whose conversation this is: when it differs from the last turn's, that
         agent's KV cache is saved and this one's restored, so neither re-reads its context.
-        `sampling` replaces the backend's own for this turn.
+        `sampling` replaces the backend's own for this turn. `prefix` (answers only) is the
+        beginning of the answer, evaluated with the prompt; the model continues it. An answer
+        that starts repeating a sentence it already said stops there.
         """
         opts = sampling or self.sampling
-        grammar_text = self.grammar_for(tools, tool_choice)
-        prompt_text = self.render(messages, tools)
+        grammar_text = self.grammar_for(tools, tool_choice, prefix)
+        prefix = prefix if tool_choice == "none" else ""
+        prompt_text = self.render(messages, tools) + prefix
         with self._lock:
             self._context = self.kv.switch(agent, self._context)
             self.sampler = self._sampler_for(opts)
@@ -408,11 +436,13 @@ class LlamaBackend:
                 t_first = time.perf_counter()
                 decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
                 text = ""
+                if prefix:
+                    yield Message("assistant", prefix, meta={"delta": True})
                 ends: list[int] = []  # length of the text after each generated token
                 new_ids: list[int] = []
                 generated, masked, jumped, stop = 0, 0, 0, "length"
                 names = [t.name for t in tools] if tool_choice in ("auto", "required") else [tool_choice]
-                calls_only = tool_choice != "auto"
+                calls_only = tool_choice not in ("auto", "none")
                 while generated < max_new:
                     if grammar is not None:
                         forced = self._forced(grammar, forced_text(text, names, calls_only), max_new - generated)
@@ -447,6 +477,11 @@ class LlamaBackend:
                         text = _drop_last_call(text)
                         stop = "repeat"  # small models repeat the same call; one copy is enough
                         break
+                    cut = _repeated_sentence(prefix + text) if not text.startswith("<") and piece.rstrip(" ").endswith((".", "!", "?", "\n")) else None
+                    if cut is not None:
+                        text = (prefix + text)[:cut].rstrip()[len(prefix):] if cut > len(prefix) else ""
+                        stop = "repeat"  # an answer going round in circles ends before the repeat
+                        break
                     self.llm.eval([token])
                 t_end = time.perf_counter()
             finally:
@@ -468,7 +503,7 @@ class LlamaBackend:
         if calls:
             yield Message("assistant", "", tool_calls=calls, meta={"raw": text, "stats": stats})
         else:
-            yield Message("assistant", text.strip(), meta={"raw": text, "stats": stats})
+            yield Message("assistant", (prefix + text).strip(), meta={"raw": prefix + text, "stats": stats})
 
     def close(self) -> None:
         """Free the sampler chains, the saved KV states and the model; safe to call twice."""

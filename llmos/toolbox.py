@@ -39,6 +39,14 @@ class Tool:
     untrusted: bool = False  # results come from outside (web pages, files): data, not instructions
     touches: str = "nothing outside the process"
     close: Callable[[], None] | None = field(default=None, repr=False)  # releases what a stateful tool holds
+    # How the kernel decides (llmos/decide.py): requests that need this tool, regular expressions
+    # that mark a request as needing it, a check that arguments make sense (True, or raises/False),
+    # and how an answer states a result: a format string over the arguments and {result}.
+    examples: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()
+    check: Callable[[Mapping[str, Any]], Any] | None = field(default=None, repr=False)
+    says: str | Callable[[Mapping[str, Any], str], str] | None = None
+    constraint: Mapping[str, Any] | None = field(default=None, repr=False)  # a tighter schema for one turn's grammar (decide.py)
 
     def schema(self) -> dict[str, Any]:
         """The OpenAI-format tool dict."""
@@ -115,8 +123,13 @@ def make_tool(
     untrusted: bool = False,
     touches: str = "nothing outside the process",
     close: Callable[[], None] | None = None,
+    examples: Iterable[str] = (),
+    patterns: Iterable[str] = (),
+    check: Callable[[Mapping[str, Any]], Any] | None = None,
+    says: str | Callable[[Mapping[str, Any], str], str] | None = None,
 ) -> Tool:
-    """Build a Tool from a typed function: each parameter needs a type hint (Annotated Field ok)."""
+    """Build a Tool from a typed function: each parameter needs a type hint (Annotated Field ok).
+    examples, patterns, check and says tell the kernel when and how to use it (see Tool)."""
     name = _check_name(name or fn.__name__)
     doc_description, doc_params = _doc_parts(fn.__doc__ or "")
     fields: dict[str, Any] = {}
@@ -146,6 +159,10 @@ def make_tool(
         untrusted=untrusted,
         touches=touches,
         close=close,
+        examples=tuple(examples),
+        patterns=tuple(patterns),
+        check=check,
+        says=says,
     )
 
 
@@ -157,11 +174,17 @@ def tool(
     timeout: float = 60.0,
     untrusted: bool = False,
     touches: str = "nothing outside the process",
+    examples: Iterable[str] = (),
+    patterns: Iterable[str] = (),
+    check: Callable[[Mapping[str, Any]], Any] | None = None,
+    says: str | Callable[[Mapping[str, Any], str], str] | None = None,
 ) -> Any:
-    """Decorator: `@tool` or `@tool(name=..., timeout=...)` turns a typed function into a Tool."""
+    """Decorator: `@tool` or `@tool(name=..., timeout=..., examples=[...])` turns a typed function
+    into a Tool. examples: requests that need it (the kernel routes by them); see Tool for the rest."""
 
     def wrap(f: Callable[..., Any]) -> Tool:
-        return make_tool(f, name=name, description=description, timeout=timeout, untrusted=untrusted, touches=touches)
+        return make_tool(f, name=name, description=description, timeout=timeout, untrusted=untrusted, touches=touches,
+                         examples=examples, patterns=patterns, check=check, says=says)
 
     return wrap(fn) if fn is not None else wrap
 
@@ -179,6 +202,7 @@ def from_openai(spec: Mapping[str, Any], fn: Callable[..., Any] | None = None) -
         description=fn_spec.get("description") or fn_spec["name"],
         parameters=parameters,
         fn=fn,
+        examples=tuple(str(e) for e in fn_spec.get("examples") or ()),  # optional, not part of OpenAI's format
     )
 
 
@@ -257,9 +281,16 @@ class Toolbox:
             return Message("tool", f"error: {box['error']}", meta={**meta, "error": True})
         return Message("tool", box.get("content", ""), meta=meta)
 
-    def call_all(self, calls: Iterable[ToolCall]) -> list[Message]:
-        """Run calls concurrently (each on its own thread); results come back in call order."""
+    def call_all(self, calls: Iterable[ToolCall], approve: Callable[[ToolCall], bool] | None = None) -> list[Message]:
+        """Run calls concurrently (each on its own thread); results come back in call order. A call
+        that `approve` refuses is not run: its result says so."""
         calls = list(calls)
+        if approve is not None:
+            allowed = [c for c in calls if approve(c)]
+            done = dict(zip((c.id for c in allowed), self.call_all(allowed)))
+            return [done.get(c.id) or Message("tool", f"error: the user did not allow this call to {c.name!r}",
+                                              meta={"tool_call_id": c.id, "name": c.name, "error": True, "refused": True})
+                    for c in calls]
         if len(calls) <= 1:
             return [self.call(c) for c in calls]
         results: list[Message | None] = [None] * len(calls)

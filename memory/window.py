@@ -104,7 +104,8 @@ class Memory:
             """Edit core memory: short facts (about the user, the task) that stay visible in every turn."""
             return self.edit_core(action, text, old)
 
-        core = make_tool(core_memory, touches="the core-memory region of this agent's context window")
+        core = make_tool(core_memory, touches="the core-memory region of this agent's context window", examples=(
+            "Keep in mind for every answer that I am vegetarian.", "Always remember: my name is Ada and I live in Oslo."))
         return [core] + store_tools(self.store, collection=self.collection)
 
     def user_turn(self, prompt: str) -> Message:

@@ -75,6 +75,7 @@ CASES = {
     "budget.seconds": (77.0, {}, lambda k, r, *a: k.process.max_seconds),
     "tools.enabled": (["plot"], {}, lambda k, r, *a: [t.name for t in k.tools]),
     "tools.tool_choice": ("none", {}, lambda k, r, *a: _seen(k, r).tool_choice),
+    "tools.route": (False, {}, lambda k, r, *a: k.router is not None),
     "tools.file_roots": (["data"], {}, lambda k, r, task, path, folder: [p.name for p in _tool(k, "python").file_roots]),
     **{f"tools.python.{f}": (v, {}, (lambda f: lambda k, r, *a: getattr(_tool(k, "python").options, f))(f)) for f, v in PYTHON.items()},
     **{f"tools.browser.{f}": (v, {}, (lambda f: lambda k, r, *a: getattr(_tool(k, "browser").options, f))(f)) for f, v in BROWSER.items()},
@@ -188,6 +189,7 @@ def test_user_tools_by_module_and_name(tmp_path):
     task = load_task(path)
     rec = Recorder()
     rec.scripted.replies[:] = [call("shout", text="hey"), "HEY"]
+    task = task.model_copy(update={"tools": task.tools.model_copy(update={"tool_choice": "shout"})})
     kernel, folder = prepare(task, path, rec, tmp_path / "runs")
     msgs = list(kernel.run("shout hey"))
     assert [t.name for t in kernel.tools] == ["calculator", "shout"] and msgs[2].content == "HEY"
@@ -302,11 +304,11 @@ class FullOnce(ScriptedBackend):
         super().__init__(replies)
         self.at, self.raised = at, False
 
-    def turn(self, messages, tools, tool_choice="auto", agent="main", sampling=None):
+    def turn(self, messages, tools, tool_choice="auto", agent="main", sampling=None, prefix=""):
         if len(self.seen) == self.at and not self.raised:
             self.raised = True
             raise ContextFull("prompt is 9999 tokens; the context window holds 100")
-        return super().turn(messages, tools, tool_choice, agent, sampling)
+        return super().turn(messages, tools, tool_choice, agent, sampling, prefix)
 
 
 def test_last_resort_eviction_stores_what_it_drops_and_keeps_calls_with_results(tmp_path):

@@ -832,6 +832,16 @@ def _executable(configured: str | None, playwright: Any) -> str:
 # The tool
 
 
+EXAMPLES = (
+    "Open http://127.0.0.1:8000/ and tell me what the page says.", "What is the title of the page at localhost:8080/docs?",
+    "Visit https://example.org/news and summarize it.", "Read the web page http://127.0.0.1:5000/about for me.",
+    "Find the pricing link on http://localhost:3000/.", "Take a screenshot of http://127.0.0.1:8765/.",
+    "Go to the website and fill in the search form with 'lamps'.", "Browse to the intranet page and list its links.",
+)
+PATTERNS = (r"\bhttps?://\S+", r"\b(?:localhost|127\.0\.0\.1)(?::\d+)?(?:/\S*)?", r"\bwww\.\S+",
+            r"\b(?:web ?page|website|web site|this page|the page at|browse|screenshot)\b")
+
+
 class Browser:
     """The browser tool's state: settings, the current session, and the watchdog around every call."""
 
@@ -850,7 +860,7 @@ class Browser:
             self.browser, name="browser", untrusted=True,
             timeout=o.launch_timeout + o.call_limit + o.nav_timeout + GRACE + 5,
             touches=f"web pages on the allow-listed domains: {allowed}; writes screenshots to {self.shots}",
-            close=self.close,
+            close=self.close, examples=EXAMPLES, patterns=PATTERNS,
         )
 
     def browser(

@@ -75,9 +75,51 @@ _NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Compare, ast.Call, ast.Nam
           ast.Tuple, ast.List) + _BINOPS + _UNARY + _COMPARE
 
 
+# Math as people write it, in order: "17 times 23", "2 to the power of 10", "15% of 80", "1,234".
+_WORDS = [
+    (r"^(?:what(?:'s| is| are)|how much is|calculate|compute|evaluate|find)\s+(?:the value of\s+)?", ""),
+    (r"(?<=\d),(?=\d{3}\b)", ""),  # thousands separators
+    (r"\bsquare root of\s+(\(.*?\)|[\w.]+)", r"sqrt(\1)"), (r"\bcube root of\s+(\(.*?\)|[\w.]+)", r"cbrt(\1)"),
+    (r"\b(?:multiplied by|times)\b", "*"), (r"(?<=\d)\s*[x×]\s*(?=\d)", "*"), (r"\bdivided by\b|\bover\b", "/"),
+    (r"\bplus\b|\badded to\b", "+"), (r"\bminus\b", "-"),
+    (r"\b(?:to the power of|raised to(?: the power of)?)\b", "**"), (r"\bsquared\b", "**2"), (r"\bcubed\b", "**3"),
+    (r"(\d+(?:\.\d+)?)\s*(?:%|percent)\s+of\b", r"\1/100*"), (r"(\d+(?:\.\d+)?)\s*(?:%|percent)(?!\s*[\d(])", r"(\1/100)"),
+    (r"\bmod(?:ulo)?\b(?!\s*\()", "%"),
+]
+
+
+_UNITS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+                                      "fourteen fifteen sixteen seventeen eighteen nineteen".split())}
+_TENS = {w: 10 * i for i, w in enumerate("_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()) if i > 1}
+_SCALES = {"hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9}
+_NUMBER_WORDS = re.compile(r"\b(?:(?:%s)(?:[\s-]+(?:and[\s-]+)?(?=%s))?)+\b" % (
+    "|".join([*_UNITS, *_TENS, *_SCALES]), "|".join([*_UNITS, *_TENS, *_SCALES])), re.I)
+
+
+def _words_to_number(match: re.Match) -> str:
+    total = current = 0
+    for word in re.split(r"[\s-]+", match.group(0).lower()):
+        if word in _UNITS or word in _TENS:
+            current += _UNITS.get(word, 0) + _TENS.get(word, 0)
+        elif word == "hundred":
+            current = max(current, 1) * 100
+        elif word in _SCALES:
+            total, current = total + max(current, 1) * _SCALES[word], 0
+    return str(total + current)
+
+
+def normalize(expression: str) -> str:
+    """An expression in the calculator's syntax: operator words and signs people use become operators."""
+    text = expression.strip().rstrip("?.!").strip().replace("^", "**").replace("×", "*").replace("÷", "/").replace("−", "-")
+    text = _NUMBER_WORDS.sub(_words_to_number, text)  # "twelve times eleven" -> "12 times 11"
+    for pattern, repl in _WORDS:
+        text = re.sub(pattern, repl, text, flags=re.I)
+    return text
+
+
 def check(expression: str) -> ast.Expression:
     """Parse and allow-list an expression without computing anything; raises CalculatorError."""
-    text = expression.strip().replace("^", "**").replace("×", "*").replace("÷", "/")
+    text = normalize(expression)
     if not text:
         raise CalculatorError("empty expression")
     if len(text) > MAX_EXPRESSION:
@@ -224,7 +266,29 @@ def evaluate_limited(expression: str, digits: int | None = None, time_limit: flo
     return text
 
 
-@tool(timeout=TIME_LIMIT + 5, touches="nothing (pure computation in a child process)")
+def _computes(arguments: Any) -> bool:
+    """A calculator call makes sense when its expression parses and has something to compute."""
+    text = normalize(str(arguments.get("expression", "")))
+    check(text)
+    return bool(re.search(r"\d|\b(pi|E|oo|x|y)\b", text)) and not re.fullmatch(r"\s*-?[\d.]+\s*", text)
+
+
+EXAMPLES = (
+    "What is 17 * 23?", "Compute 48213 times 91577.", "What's 2 to the power of 64?", "What is 15% of 240?",
+    "Calculate the square root of 1764.", "How much is 1234 + 5678 - 910?", "Divide 7 by 3 exactly.",
+    "Solve x**2 - 5*x + 6 = 0 for x.", "Integrate x**2 * sin(x) with respect to x.", "What is 100 factorial?",
+    "Use the calculator: 3.5 * (2 + 8) / 4", "Simplify (x**2 - 1)/(x - 1).", "What is the derivative of x**3 + 2x?",
+)
+PATTERNS = (
+    r"\d\s*(?:[-+*/^×÷%]|\*\*)\s*\(?\s*-?\d",  # 17 * 23, 2^10, 3.5*(2+8)
+    r"\d+\s+(?:times|plus|minus|divided by|multiplied by|to the power of|mod)\s+\d",
+    r"\b(?:square root|cube root|factorial|percent of|integrate|derivative|differentiate|solve)\b",
+    r"\bcalculat(?:e|or)\b",
+)
+
+
+@tool(timeout=TIME_LIMIT + 5, touches="nothing (pure computation in a child process)",
+      examples=EXAMPLES, patterns=PATTERNS, check=_computes, says="{expression} = {result}")
 def calculator(
     expression: Annotated[str, Field(description="Math in Python/SymPy syntax, e.g. '12345*6789', '2**100', 'integrate(x**2, x)', 'solve(x**2 - 4, x)', 'N(pi, 50)'")],
 ) -> str:

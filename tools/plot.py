@@ -132,4 +132,14 @@ def make(ctx) -> Tool:
         what = f"{kind} chart of {len(y)} values" + (f" titled {title!r}" if title else "")
         return f"saved {what} to {path}"
 
-    return make_tool(plot, timeout=60.0, touches=f"writes PNG files into {folder}")
+    return make_tool(plot, timeout=60.0, touches=f"writes PNG files into {folder}", examples=EXAMPLES, patterns=PATTERNS,
+                     says="The chart is ready ({result}).")
+
+
+EXAMPLES = (
+    "Plot 1, 4, 9, 16, 25 as a line chart.", "Draw a bar chart of these sales: 12, 30, 18, 25.",
+    "Make a scatter plot of x = 1, 2, 3, 4 against y = 2, 4, 5, 8.", "Chart the temperatures 14, 17, 12, 19, 21.",
+    "Show a histogram of 3, 5, 5, 6, 7, 7, 7, 9.", "Graph my weekly steps: 8000, 9500, 7000, 12000.",
+    "Visualize the values 0.5, 1.5, 1.2, 2.8 as a line.", "Can you plot the squares of 1 to 6?",
+)
+PATTERNS = (r"\b(?:plot|chart|graph|histogram|visuali[sz]e|draw)\w*\b",)

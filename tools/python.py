@@ -759,4 +759,32 @@ def make(ctx: ToolContext) -> Tool:
     )
     # The Toolbox's own limit is a backstop: the session reports its timeout first, with the output so far.
     return make_tool(session.python, name="python", description=describe(options, sandboxed),
-                     timeout=options.timeout + options.startup_timeout + 10, touches=touches, close=session.close)
+                     timeout=options.timeout + options.startup_timeout + 10, touches=touches, close=session.close,
+                     examples=EXAMPLES, patterns=PATTERNS, check=_has_code, says=_says)
+
+
+EXAMPLES = (
+    "Run this Python code: print(sum(range(10)))", "Use Python to compute the sum of the squares from 1 to 100.",
+    "Execute this snippet and tell me the output: for i in range(3): print(i * i)",
+    "Write and run a program that lists the prime numbers below 50.", "What does `sorted([5, 3, 9, 1])` return in Python?",
+    "Run a script that counts the vowels in 'hello world'.", "In Python, what is len('llmos') * 7?",
+    "Test this function for me: def f(x): return x * 2; print(f(21))",
+)
+PATTERNS = (r"```", r"\bpython\b", r"\b(?:run|execute|test) (?:this|the|my|a) (?:code|script|snippet|program|function)\b",
+            r"\bprint\(|\bdef \w+\(|\bimport \w+|\blambda\b")
+
+
+def _says(arguments: Any, result: str) -> str:
+    """An answer's opening for a cell that printed or returned one short thing."""
+    shown = [line for line in result.splitlines() if line.strip() and not line.startswith("[files")]
+    pieces = [line.split("]", 1)[-1].strip() if line.startswith("[") else line.strip() for line in shown]
+    text = " ".join(p for p in pieces if p)
+    if result.startswith(("[error]", "[stderr]")) or not text or len(text) > 120:
+        return ""
+    return f"The code gives {text}."
+
+
+def _has_code(arguments: Any) -> bool:
+    """A python call makes sense when its code compiles (Python's own parser, nothing runs)."""
+    compile(str(arguments.get("code", "")), "<cell>", "exec")
+    return bool(str(arguments.get("code", "")).strip())
