@@ -260,7 +260,8 @@ def copied_call(tool: Tool, call: ToolCall, request: str) -> ToolCall | None:
             for span in spans(request):
                 trial = ToolCall(tool.name, {**arguments, name: span})
                 if judge(tool, trial, request)[:2] == (True, 1.0):
-                    arguments, changed = dict(trial.arguments), True
+                    canonical = tool.check(dict(trial.arguments))  # a check may return the arguments as the tool writes them
+                    arguments, changed = dict(canonical if isinstance(canonical, Mapping) else trial.arguments), True
                     break
         elif not value_ok and name in arguments and name not in required:
             del arguments[name]  # an optional value the request never states: leave it to its default

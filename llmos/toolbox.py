@@ -40,8 +40,9 @@ class Tool:
     touches: str = "nothing outside the process"
     close: Callable[[], None] | None = field(default=None, repr=False)  # releases what a stateful tool holds
     # How the kernel decides (llmos/decide.py): requests that need this tool, regular expressions
-    # that mark a request as needing it, a check that arguments make sense (True, or raises/False),
-    # and how an answer states a result: a format string over the arguments and {result}.
+    # that mark a request as needing it, a check that arguments make sense (raises or returns
+    # False if not; may return the arguments rewritten as the tool writes them), and how an answer
+    # states a result: a format string over the arguments and {result}, or a function of both.
     examples: tuple[str, ...] = ()
     patterns: tuple[str, ...] = ()
     check: Callable[[Mapping[str, Any]], Any] | None = field(default=None, repr=False)

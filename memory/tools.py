@@ -32,7 +32,7 @@ def make(store: "MemoryStore", collection: str = "default", k: int = 5) -> list[
     return [
         make_tool(memory_search, untrusted=True, touches=touches, examples=(
             "What did I tell you earlier about my locker code?", "Search your memory for the meeting notes.",
-            "Look up what the documents say about error E-4521.", "Do you remember my sister's name?",
+            "Look up what my documents say about the warranty.", "Do you remember my sister's name?",
             "Find the passage about the lighthouse in my notes.")),
         make_tool(memory_insert, touches=touches, examples=(
             "Remember that my flight leaves at 9:40 on Friday.", "Please save this fact: the wifi password is tulip42.",

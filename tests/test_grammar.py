@@ -245,7 +245,7 @@ def test_forced_call_on_schema_construct_validates(llama_backend, name):
     tools = [_tool_for(n) for n in sorted(CONSTRUCTS)]  # one prompt for all: its prefix stays in the KV cache
     tool_ = _tool_for(name)
     out = list(llama_backend.turn([Message("user", f"Call {tool_.name}.")], tools, tool_choice=tool_.name,
-                                  sampling=Sampling(max_tokens=48)))
+                                  sampling=Sampling(max_tokens=64)))
     reply = out[-1]
     assert reply.tool_calls and reply.tool_calls[0].name == tool_.name, reply.meta["raw"]
     _validate(tool_, dict(reply.tool_calls[0].arguments))

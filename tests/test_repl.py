@@ -87,6 +87,17 @@ def test_ask_and_see_a_streamed_answer_then_commands(shell, llmos_home):
     shell.expect(pexpect.EOF)
 
 
+def test_the_shell_answers_arithmetic_through_the_calculator(start_shell):
+    shell = start_shell(96)
+    shell.sendline("What is 19 * 21?")
+    shell.expect(r"calculator\(expression=")  # the call, shown as one line
+    shell.expect("399")
+    shell.expect("done: ")
+    shell.expect_exact(PROMPT)
+    shell.sendline("/exit")
+    shell.expect(pexpect.EOF)
+
+
 def test_ctrl_c_stops_generation_but_not_the_shell(long_shell):
     shell = long_shell
     shell.sendline("Write a very long story about the sea.")

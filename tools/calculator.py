@@ -266,11 +266,14 @@ def evaluate_limited(expression: str, digits: int | None = None, time_limit: flo
     return text
 
 
-def _computes(arguments: Any) -> bool:
-    """A calculator call makes sense when its expression parses and has something to compute."""
+def _computes(arguments: Any) -> Any:
+    """A calculator call makes sense when its expression parses and has something to compute;
+    the expression comes back as the calculator reads it ("what is 17 times 23" -> "17 * 23")."""
     text = normalize(str(arguments.get("expression", "")))
     check(text)
-    return bool(re.search(r"\d|\b(pi|E|oo|x|y)\b", text)) and not re.fullmatch(r"\s*-?[\d.]+\s*", text)
+    if not re.search(r"\d|\b(pi|E|oo|x|y)\b", text) or re.fullmatch(r"\s*-?[\d.]+\s*", text):
+        return False
+    return {**arguments, "expression": text}
 
 
 EXAMPLES = (
