@@ -365,7 +365,10 @@ def eval_(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the report JSON to this file."),
     override: List[str] = typer.Option([], "-o", help=OVERRIDE_HELP),
 ) -> None:
-    """Measure tool use: selection, parse rate, BFCL AST accuracy, answers and latency, per case."""
+    """Measure tool use: selection, parse rate, BFCL AST accuracy, answers and latency, per case.
+    Exit 0 (scores are results, not failures), 2 for bad input, 130 when interrupted (the cases
+    done are still reported)."""
+    import signal
     import time
 
     from llmos.build import Resources
@@ -374,6 +377,11 @@ def eval_(
 
     if mode not in ("auto", "required", "both"):
         raise fail(f"--mode {mode!r}: expected auto, required or both")
+
+    def terminate(signum, frame):  # a kill ends the run like Ctrl-C: the cases done are still reported
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     resources = Resources()
     try:
         settings = _settings(override, {"model": {"path": str(model) if model else None}}, EVAL_DEFAULTS)
@@ -392,6 +400,9 @@ def eval_(
         typer.echo(json.dumps(report, indent=2, default=str))
     else:
         print_report(report, console)
+    if report["interrupted"]:
+        typer.echo(f"llmos: interrupted after {report['cases_run']} of {report['cases_total']} cases", err=True)
+        raise typer.Exit(130)
 
 
 def main() -> None:

@@ -511,14 +511,16 @@ def evaluate(cases: Sequence[Case], settings: Config, resources: Any, *, modes: 
     settings: the config every case starts from (its tools replaced by the case's). folder: where
     per-case traces and tool artifacts go (default: a temporary folder, removed afterwards).
     progress(done, total, case id) is called after each case. A case that raises is recorded as
-    failed with the error as its reason; the others still run."""
+    failed with the error as its reason; the others still run. Ctrl-C (KeyboardInterrupt) ends the
+    run early: the report covers the cases done and says `"interrupted": true`."""
     modes = [m for m in MODES if m in set(modes)]
     jobs = [(case, mode) for case in cases for mode in (modes if case.kind == "bfcl" else ["auto"])]
     backend = resources.backend(settings.model)  # a bad model path fails here, before any case
     sites = Sites()
     scratch = tempfile.TemporaryDirectory(prefix="llmos-eval-") if folder is None else None
     where = Path(scratch.name) if scratch else Path(folder)
-    details = []
+    details: list[dict[str, Any]] = []
+    interrupted = False
     try:
         for done, (case, mode) in enumerate(jobs, 1):
             start = time.perf_counter()
@@ -536,6 +538,8 @@ def evaluate(cases: Sequence[Case], settings: Config, resources: Any, *, modes: 
             details.append(detail)
             if progress is not None:
                 progress(done, len(jobs), case.id)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         sites.close()
         if scratch is not None:
@@ -548,6 +552,8 @@ def evaluate(cases: Sequence[Case], settings: Config, resources: Any, *, modes: 
         "settings": {"temperature": settings.sampling.temperature, "max_tokens": settings.sampling.max_tokens,
                      "steps": settings.budget.steps, "tool_choice": settings.tools.tool_choice, "modes": modes},
         "suites": suites,
+        "interrupted": interrupted,
+        "cases_run": len(details), "cases_total": len(jobs),
         "scores": scores(details),
         "by_suite": {s: scores([d for d in details if d["suite"] == s]) for s in suites} if len(suites) > 1 else {},
         "traces": str(Path(folder) / "traces") if folder is not None else None,

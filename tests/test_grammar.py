@@ -208,8 +208,8 @@ def _nullable_as_type_list(s):
     return out
 
 
-def _accepts(backend, grammar: str, text: str) -> bool:
-    """Whether llama.cpp's grammar takes `text` whole (token by token) and then lets the turn end."""
+def _accepts(backend, grammar: str, text: str, end: bool = True) -> bool:
+    """Whether llama.cpp's grammar takes `text` token by token (and then lets the turn end)."""
     from llmos.llama import _Grammar
 
     g = _Grammar(backend.lc, backend.vocab, grammar, backend.n_vocab)
@@ -218,7 +218,7 @@ def _accepts(backend, grammar: str, text: str) -> bool:
             if not g.allows(token):
                 return False
             g.accept(token)
-        return g.allows(backend.llm.token_eos())
+        return g.allows(backend.llm.token_eos()) if end else True
     finally:
         g.close()
 
@@ -281,3 +281,25 @@ def test_unsupported_refs_are_clear_errors():
         tool_call_grammar([("r", {"type": "object", "properties": {"x": {"$ref": "https://example.com/s.json"}}})])
     with pytest.raises(GrammarError, match="points at nothing"):
         tool_call_grammar([("r", {"type": "object", "properties": {"x": {"$ref": "#/$defs/Missing"}}})])
+
+
+def test_a_closed_call_ends_the_turn(llama_backend):
+    """After `</tool_call>` only the end of the turn or another call: no newline, no free text."""
+    call = render_call(ToolCall("t", {"q": "x"}))
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
+    for mode in ("auto", "required"):
+        grammar = tool_call_grammar([("t", schema)], mode)
+        assert _accepts(llama_backend, grammar, call) and _accepts(llama_backend, grammar, call + call)
+        for after in ("\n", " ", "Done.", "\nThe answer is 4."):
+            assert not _accepts(llama_backend, grammar, call + after, end=False), repr(after)
+    assert not _accepts(llama_backend, tool_call_grammar([("t", schema)], "required"), call * 5)  # MAX_CALLS_PER_TURN
+
+
+def test_forced_text_opens_a_further_call():
+    from llmos.grammar import CALL_HEAD, forced_text
+
+    first = render_call(ToolCall("calculator", {"expression": "1+1"}))
+    assert forced_text(first, ["calculator"], calls_only=True) == ""  # the model decides: end, or one more
+    assert forced_text(first + "<", ["calculator"], calls_only=True) == CALL_HEAD[1:]
+    assert forced_text(first + CALL_HEAD, ["calculator", "plot"], calls_only=True) == ""
+    assert forced_text(first + CALL_HEAD + "c", ["calculator", "plot"], calls_only=True) == "alculator" + '", "arguments": '
