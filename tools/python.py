@@ -786,5 +786,9 @@ def _says(arguments: Any, result: str) -> str:
 
 def _has_code(arguments: Any) -> bool:
     """A python call makes sense when its code compiles (Python's own parser, nothing runs)."""
-    compile(str(arguments.get("code", "")), "<cell>", "exec")
+    import warnings
+
+    with warnings.catch_warnings():  # the model's code may warn at compile time; that is not ours to print
+        warnings.simplefilter("ignore")
+        compile(str(arguments.get("code", "")), "<cell>", "exec")
     return bool(str(arguments.get("code", "")).strip())
