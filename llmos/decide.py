@@ -98,15 +98,16 @@ class Router:
     def __init__(self, embed: Callable[[Sequence[str]], Sequence[Any]], no_tool: Sequence[str] = NO_TOOL) -> None:
         self.embed = embed
         self.no_tool = tuple(no_tool)
-        self._vectors: dict[str, Any] = {}
+        self._vectors: dict[tuple[str, ...], Any] = {}  # texts -> their stacked unit vectors
 
     def _matrix(self, texts: Sequence[str]) -> Any:
+        """The texts' vectors as one matrix, embedded and stacked once per set of texts."""
         import numpy as np
 
-        missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
-        if missing:
-            self._vectors.update(zip(missing, self.embed(missing)))
-        return np.stack([self._vectors[t] for t in texts])
+        key = tuple(texts)
+        if key not in self._vectors:
+            self._vectors[key] = np.stack(self.embed(list(key)))
+        return self._vectors[key]
 
     def scores(self, request: str, tools: Sequence[Tool]) -> dict[str, float]:
         """Each tool's score for the request, and "none"'s (the best match among requests that need no tool)."""

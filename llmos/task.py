@@ -6,12 +6,11 @@
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import pydantic
 import yaml
