@@ -10,6 +10,8 @@ the model and checked behind it:
           expressions) or its name in the request add to its score. The best tool wins when it
           beats "no tool" by a margin; the turn is then forced to call it (the grammar makes the
           call well-formed); otherwise the model must answer.
+  read    a tool may read its arguments from a plain request itself (Tool.reads: the calculator
+          reads "subtract 7,845 from 20,000" as 20000 - 7845); such a call needs no model turn.
   ground  values a request states (numbers, words) are what a call should carry. A call whose
           arguments do not validate, fail the tool's own check, or carry numbers the request
           never mentioned gets a second candidate, decoded under a schema whose values are
@@ -43,10 +45,13 @@ NO_TOOL = (
     "Write an email to my boss asking for a day off.", "Suggest a name for my new puppy.", "What is machine learning?",
     "How many legs does a spider have?", "Who painted the Mona Lisa?", "What year did World War II end?",
     "Can you explain what a black hole is?", "I'm feeling a bit sad today.", "What should I cook for dinner tonight?",
-    "Define the word 'serendipity'.", "Tell me a fun fact about octopuses.", "What language is spoken in Brazil?",
-    "How does a rainbow form?",
+    "Tell me a fun fact about octopuses.", "What language is spoken in Brazil?",
+    "How does a rainbow form?", "What is JavaScript used for?", "What is a spreadsheet good for?",
+    "How does the internet work?", "What does CPU stand for?", "What is the difference between rain and snow?",
+    "Explain what a compiler does.", "What is a histogram?", "Is Rust harder to learn than Go?",
+    "Tell me the story of Cinderella.", "Why do people like graphs so much?",
 )
-PATTERN_BOOST = 0.25  # a tool's own pattern matched the request
+PATTERN_BOOST = 0.25  # a tool's own pattern matched the request, or it reads the request
 NAME_BOOST = 0.2  # the request names the tool
 MARGIN = 0.04  # how far the best tool must beat "no tool"
 FLOOR = 0.3  # the least similarity a routed tool needs
@@ -72,23 +77,33 @@ class Decision:
 
 
 def _named(name: str, request: str) -> float:
-    """1 when the request names the tool (whole, or every significant word of it), 0.5 for one word."""
+    """1 when the request names the tool as something to use ("use the calculator", "with python",
+    "get weather"): the whole name of several words, or a one-word name after a verb of use. A
+    word merely mentioned ("the plot of Hamlet", "what a web browser does") does not count."""
     text = request.lower()
     spaced = name.lower().replace("_", " ").replace("-", " ")
-    if re.search(rf"\b{re.escape(spaced)}\b", text):
+    if " " in spaced and re.search(rf"\b{re.escape(spaced)}\b", text):
         return 1.0
-    words = [w for w in spaced.split() if len(w) > 3 and w not in _STOP]
-    found = [w for w in words if re.search(rf"\b{re.escape(w)}", text)]
-    if words and len(found) == len(words) and len(words) > 1:
-        return 1.0
-    return 0.5 if found else 0.0
+    return 1.0 if re.search(rf"\b(?:use|using|with|via|through|call|run|in|ask|try|write)\s+(?:the\s+|a\s+|my\s+|your\s+)?{re.escape(spaced)}\b", text) else 0.0
+
+
+def _reads(tool: Tool, request: str) -> bool:
+    """The tool reads a whole call from the request (Tool.reads): as strong a sign as a pattern."""
+    try:
+        return tool.reads is not None and bool(tool.reads(request))
+    except Exception:  # noqa: BLE001 - a failing reader is no evidence
+        return False
 
 
 def _texts(tool: Tool) -> list[str]:
-    """What a tool is compared by: its description, its example requests, its parameters' descriptions."""
+    """What a tool is compared by: its description, its example requests and, for a tool with no
+    examples, each clause of its description and each parameter's description on its own."""
     params = [str(p.get("description", "")) for p in (tool.parameters.get("properties") or {}).values() if isinstance(p, Mapping)]
     head = f"{tool.name.replace('_', ' ')}: {tool.description}"
-    return [head, *tool.examples] + ([f"{head} ({'; '.join(p for p in params if p)})"] if any(params) and not tool.examples else [])
+    if tool.examples:
+        return [head, *tool.examples]
+    clauses = [c.strip() for c in re.split(r"[.;:()]|, (?:or|and) ", tool.description) if len(c.strip().split()) >= 2]
+    return [head, tool.name.replace("_", " ").replace("-", " "), *clauses[:8], *[p for p in params if p][:8]]
 
 
 class Router:
@@ -115,7 +130,7 @@ class Router:
         out = {"none": float((self._matrix(self.no_tool) @ query).max())}
         for t in tools:
             score = float((self._matrix(_texts(t)) @ query).max())
-            if any(re.search(p, request, re.I) for p in t.patterns):
+            if any(re.search(p, request, re.I) for p in t.patterns) or _reads(t, request):
                 score += PATTERN_BOOST
             out[t.name] = round(score + NAME_BOOST * _named(t.name, request), 4)
         out["none"] = round(out["none"], 4)
@@ -268,6 +283,30 @@ def copied_call(tool: Tool, call: ToolCall, request: str) -> ToolCall | None:
             del arguments[name]  # an optional value the request never states: leave it to its default
             changed = True
     return ToolCall(tool.name, arguments) if changed else None
+
+
+def read_call(tool: Tool | None, request: str) -> tuple[Message, Message] | None:
+    """The call a tool reads straight from the request (Tool.reads), when its arguments validate and
+    pass the tool's check: (the call as the assistant's message, the kernel's notice); else None.
+    No model turn is spent on it."""
+    if tool is None or tool.reads is None:
+        return None
+    t0 = time.perf_counter()
+    try:
+        arguments = tool.reads(request)
+    except Exception:  # noqa: BLE001 - a reader that fails leaves the call to the model
+        arguments = None
+    if not arguments:
+        return None
+    call = ToolCall(tool.name, dict(arguments))
+    if not judge(tool, call, request)[0]:
+        return None
+    canonical = tool.check(dict(arguments)) if tool.check is not None else None
+    call = ToolCall(tool.name, dict(canonical) if isinstance(canonical, Mapping) else dict(arguments))
+    reply = Message("assistant", "", tool_calls=(call,), meta={"raw": render_call(call), "read": True})
+    notice = Message("kernel", f"read the call from the request: {render_call(call)}", meta={
+        "event": "read", "tool": tool.name, "arguments": dict(call.arguments), "ms": round((time.perf_counter() - t0) * 1000, 2)})
+    return reply, notice
 
 
 def says(tool: Tool | None, call: ToolCall, result: Message) -> str:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, Sequen
 
 from llmos.backend import Backend, ContextFull
 from llmos.config import Config
-from llmos.decide import Router, second_pass, says
+from llmos.decide import Router, read_call, second_pass, says
 from llmos.memory.window import Memory
 from llmos.messages import Message, ToolCall, Trace
 from llmos.scheduler import Scheduler, Stopped
@@ -84,11 +84,13 @@ class Kernel:
 
     def _run(self, prompt: str, stream: bool, choice: str) -> Iterator[Message]:
         yield self._add(self.memory.user_turn(prompt))
-        budget, seen, used, step, prefix, decided = self.config.budget, set(), 0, 0, "", False
+        budget, seen, used, step, prefix, decided, read = self.config.budget, set(), 0, 0, "", False, None
         if choice == "auto" and self.router is not None and len(self.tools):
             decision = self.router.decide(prompt, list(self.tools))  # the kernel decides: a tool, or an answer
             yield self._add(decision.message())
             choice, decided = decision.tool or "none", decision.tool is not None
+        if choice in self.tools and budget.steps > 1:  # a call the request states plainly needs no model turn
+            read = read_call(self.tools.get(choice), prompt)
         deadline = time.monotonic() + budget.seconds if budget.seconds else None
         try:
             for step in range(1, budget.steps + 1):
@@ -101,8 +103,12 @@ class Kernel:
                 if step == budget.steps and len(self.tools) and choice != "none":
                     choice = "none"  # the last step must answer, so every run ends on an answer
                     yield self._add(Message("kernel", "last step: the model must answer", meta={"event": "force_answer", "why": "last_step"}))
-                reply = yield from self._turn(choice, stream, prefix)
-                if reply.tool_calls and choice in self.tools:  # a call the kernel or the user chose: is it sound?
+                if read is not None:
+                    yield self._add(read[1])
+                    reply, read = read[0], None
+                else:
+                    reply = yield from self._turn(choice, stream, prefix)
+                if reply.tool_calls and choice in self.tools and not reply.meta.get("read"):  # a call the kernel or the user chose: is it sound?
                     reply, notice = second_pass(reply, list(self.tools), prompt, lambda ts, name: self._reply(self.memory.view(), ts, name), decided)
                     if notice is not None:
                         yield self._add(notice)

@@ -42,11 +42,14 @@ class Tool:
     # How the kernel decides (llmos/decide.py): requests that need this tool, regular expressions
     # that mark a request as needing it, a check that arguments make sense (raises or returns
     # False if not; may return the arguments rewritten as the tool writes them), and how an answer
-    # states a result: a format string over the arguments and {result}, or a function of both.
+    # states a result: a format string over the arguments and {result}, or a function of both;
+    # `reads` takes a request and returns the arguments it plainly states (or None), so a routed
+    # call needs no model turn (the calculator reads "subtract 7,845 from 20,000").
     examples: tuple[str, ...] = ()
     patterns: tuple[str, ...] = ()
     check: Callable[[Mapping[str, Any]], Any] | None = field(default=None, repr=False)
     says: str | Callable[[Mapping[str, Any], str], str] | None = None
+    reads: Callable[[str], Mapping[str, Any] | None] | None = field(default=None, repr=False)  # arguments read from a request without the model
     constraint: Mapping[str, Any] | None = field(default=None, repr=False)  # a tighter schema for one turn's grammar (decide.py)
 
     def schema(self) -> dict[str, Any]:
@@ -128,9 +131,10 @@ def make_tool(
     patterns: Iterable[str] = (),
     check: Callable[[Mapping[str, Any]], Any] | None = None,
     says: str | Callable[[Mapping[str, Any], str], str] | None = None,
+    reads: Callable[[str], Mapping[str, Any] | None] | None = None,
 ) -> Tool:
     """Build a Tool from a typed function: each parameter needs a type hint (Annotated Field ok).
-    examples, patterns, check and says tell the kernel when and how to use it (see Tool)."""
+    examples, patterns, check, says and reads tell the kernel when and how to use it (see Tool)."""
     name = _check_name(name or fn.__name__)
     doc_description, doc_params = _doc_parts(fn.__doc__ or "")
     fields: dict[str, Any] = {}
@@ -164,6 +168,7 @@ def make_tool(
         patterns=tuple(patterns),
         check=check,
         says=says,
+        reads=reads,
     )
 
 
@@ -179,13 +184,14 @@ def tool(
     patterns: Iterable[str] = (),
     check: Callable[[Mapping[str, Any]], Any] | None = None,
     says: str | Callable[[Mapping[str, Any], str], str] | None = None,
+    reads: Callable[[str], Mapping[str, Any] | None] | None = None,
 ) -> Any:
     """Decorator: `@tool` or `@tool(name=..., timeout=..., examples=[...])` turns a typed function
     into a Tool. examples: requests that need it (the kernel routes by them); see Tool for the rest."""
 
     def wrap(f: Callable[..., Any]) -> Tool:
         return make_tool(f, name=name, description=description, timeout=timeout, untrusted=untrusted, touches=touches,
-                         examples=examples, patterns=patterns, check=check, says=says)
+                         examples=examples, patterns=patterns, check=check, says=says, reads=reads)
 
     return wrap(fn) if fn is not None else wrap
 

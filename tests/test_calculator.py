@@ -2,7 +2,7 @@
 
 import pytest
 
-from llmos.tools.calculator import CalculatorError, calculator, check, evaluate_limited
+from llmos.tools.calculator import CalculatorError, calculator, check, evaluate_limited, read
 
 
 @pytest.mark.parametrize(
@@ -10,7 +10,9 @@ from llmos.tools.calculator import CalculatorError, calculator, check, evaluate_
     [
         ("12345*6789", "83810205"),
         ("2**100", "1267650600228229401496703205376"),
-        ("1/3 + 1/6", "1/2"),
+        ("1/3 + 1/6", "1/2 = 0.5"),
+        ("7/3", "7/3 ≈ 2.33333333333333"),
+        ("-3/8", "-3/8 = -0.375"),
         ("2^10", "1024"),
         ("solve(x**2 - 4, x)", "[-2, 2]"),
         ("x + 1 = 3", "[2]"),
@@ -73,3 +75,48 @@ def test_slow_evaluation_is_killed_at_the_time_limit():
 def test_tool_schema():
     params = calculator.parameters
     assert params["required"] == ["expression"] and params["properties"]["expression"]["type"] == "string"
+
+
+@pytest.mark.parametrize("request_, expected", [
+    ("What is 17 * 23?", "391"),
+    ("Subtract 7,845 from 20,000.", "12155"),
+    ("What do you get if you multiply 2,718 by 3,141?", "8537238"),
+    ("Please work out 65536 / 128 for me.", "512"),
+    ("Add up 12.5, 7.25 and 30.25.", "50.0000000000000"),
+    ("1234567 * 89 = ?", "109876463"),
+    ("What is 999 squared minus 998 squared?", "1997"),
+    ("How much is four hundred and five plus nine hundred and ninety?", "1395"),
+    ("Divide seven hundred twenty by eight.", "90"),
+    ("Increase 1,200 by 7.5 percent.", "1290.00000000000"),
+    ("What percentage of 250 is 45?", "18"),
+    ("45 is what percent of 250?", "18"),
+    ("My salary went from 3,200 to 3,680 a month. By what percent did it rise?", "15"),
+    ("What is 3 raised to the 15th power?", "14348907"),
+    ("What is 20 factorial?", "2432902008176640000"),
+    ("What's the greatest common divisor of 462 and 1071?", "21"),
+    ("What is the sum of all the integers from 1 to 100?", "5050"),
+    ("Give me the square root of 2 to ten decimal places.", "1.4142135624"),
+    ("Write 3/8 as a decimal.", "0.375000000000000"),
+    ("Solve for x: 3x + 7 = 25", "[6]"),
+    ("Solve x^2 - 5x + 6 = 0.", "[2, 3]"),
+    ("Integrate x^2 with respect to x.", "x**3/3"),
+    ("Factor the polynomial x^2 - 9.", "(x - 3)*(x + 3)"),
+    ("Is 7919 a prime number?", "True"),
+    ("What is the limit of sin(x)/x as x approaches 0?", "1"),
+    ("Compute 12 x 12", "144"),
+])
+def test_plain_math_requests_are_read_without_the_model(request_, expected):
+    arguments = read(request_)
+    assert arguments is not None, request_
+    assert evaluate_limited(arguments["expression"]) == expected
+
+
+@pytest.mark.parametrize("request_", [
+    "I bought 37 boxes at 14 dollars each. How much did I spend in total?",  # a word problem: the model's
+    "How many seconds are there in a week?",
+    "Hello there!",
+    "What year did World War 2 end?",
+    "Tell me about the 3 musketeers.",
+])
+def test_requests_that_state_no_whole_expression_are_left_to_the_model(request_):
+    assert read(request_) is None

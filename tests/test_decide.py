@@ -87,14 +87,33 @@ def test_routes_user_tools_and_openai_dicts(router, builtins):
 
 def test_the_kernel_routes_forces_the_call_then_answers_with_the_result(router, tmp_path):
     calc = load_builtin("calculator")
-    backend = ScriptedBackend([call("calculator", expression="17 * 23"), "That is the product."])
+    backend = ScriptedBackend([call("calculator", expression="37 * 14"), "That is the total."])
     kernel = Kernel(backend, [calc], trace=tmp_path / "t.jsonl", router=router)
-    msgs = list(kernel.run("What is 17 * 23?"))
+    msgs = list(kernel.run("Use the calculator: I bought 37 boxes at 14 dollars each, what did I spend?"))
     assert [s.tool_choice for s in backend.seen] == ["calculator", "none"]
-    assert backend.seen[1].prefix == "17 * 23 = 391"
-    assert msgs[-2].content.startswith("17 * 23 = 391") and msgs[-1].meta["exit"] == "answer"
+    assert backend.seen[1].prefix == "37 * 14 = 518"
+    assert msgs[-2].content.startswith("37 * 14 = 518") and msgs[-1].meta["exit"] == "answer"
     route = next(json.loads(l) for l in (tmp_path / "t.jsonl").read_text().splitlines() if '"route"' in l)
     assert route["meta"]["tool"] == "calculator" and route["meta"]["ms"] >= 0
+
+
+def test_a_plain_math_request_is_read_without_a_model_turn(router, tmp_path):
+    backend = ScriptedBackend(["That is the difference."])
+    kernel = Kernel(backend, [load_builtin("calculator")], trace=tmp_path / "t.jsonl", router=router)
+    msgs = list(kernel.run("Subtract 7,845 from 20,000."))
+    assert [s.tool_choice for s in backend.seen] == ["none"]  # the only model turn is the answer
+    read = next(m for m in msgs if m.meta.get("event") == "read")
+    assert read.meta["arguments"] == {"expression": "(20000 - 7845)"} and read.meta["ms"] >= 0
+    assert next(m for m in msgs if m.role == "tool").content == "12155"
+    assert msgs[-2].content.startswith("(20000 - 7845) = 12155") and msgs[-1].meta["exit"] == "answer"
+    assert any(json.loads(l).get("meta", {}).get("event") == "read" for l in (tmp_path / "t.jsonl").read_text().splitlines())
+
+
+def test_a_given_tool_choice_reads_too_but_one_step_leaves_it_to_the_model(router, tmp_path):
+    backend = ScriptedBackend(["391"])
+    kernel = Kernel(backend, [load_builtin("calculator")], trace=tmp_path, router=router, config={"budget": {"steps": 1}})
+    list(kernel.run("What is 17 * 23?"))  # one step must be the answer: nothing is read or run
+    assert [s.tool_choice for s in backend.seen] == ["none"] and not any(m.role == "tool" for m in kernel.trace.read())
 
 
 def test_small_talk_is_answered_without_a_call(router, tmp_path):
@@ -117,7 +136,7 @@ def test_a_senseless_call_is_repaired_from_the_request(router, tmp_path):
     # compute, is what runs, written as the calculator reads it; no second decode was needed
     backend = ScriptedBackend([call("calculator", expression="}"), "done"])
     kernel = Kernel(backend, [load_builtin("calculator")], trace=tmp_path, router=router)
-    msgs = list(kernel.run("What is 17 times 23?"))
+    msgs = list(kernel.run("My 2 kids ask: what is 17 times 23?"))  # not read: no span carries the 2 as well
     notice = next(m for m in msgs if m.meta.get("event") == "system2")
     assert notice.meta["chosen"] == "copied" and [c["kind"] for c in notice.meta["candidates"]] == ["model", "copied"]
     assert next(m for m in msgs if m.tool_calls).tool_calls[0].arguments == {"expression": "17 * 23"}

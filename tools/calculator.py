@@ -29,7 +29,7 @@ _FUNCTIONS = (
     "simplify expand factor cancel apart together trigsimp nsimplify solve solveset diff integrate limit "
     "series summation product Sum Product Integral Derivative Limit Rational Integer Float "
     "Eq Ne Lt Le Gt Ge isprime prime primefactors factorint divisors totient mod N evalf Matrix det inv "
-    "Poly roots degree expand_log logcombine"
+    "Poly roots degree expand_log logcombine round"
 ).split()
 _CONSTANTS = {"pi": "pi", "E": "E", "e": "E", "I": "I", "oo": "oo", "inf": "oo", "infinity": "oo", "nan": "nan"}
 _ALIASES = {"ln": "log", "abs": "Abs", "min": "Min", "max": "Max", "Integer": "Integer"}
@@ -51,11 +51,23 @@ def _sympy_namespace() -> dict[str, Any]:
             ns[name] = sympy.Mod
         elif target == "evalf":
             ns[name] = sympy.N
+        elif target == "round":
+            ns[name] = _round
         elif hasattr(sympy, target):
             ns[name] = getattr(sympy, target)
     for name, target in _CONSTANTS.items():
         ns[name] = getattr(sympy, target)
     return ns
+
+
+def _round(value: Any, places: Any = 0) -> Any:
+    """round(x, n): x to n decimal places, as a decimal (Python's round, on SymPy numbers)."""
+    import sympy
+
+    number = sympy.N(value, 60)
+    if not number.is_number or not number.is_real:
+        raise CalculatorError(f"round() needs a real number, not {value}")
+    return number.round(int(places)) if int(places) > 0 else number.round()
 
 
 def _check_power(base: Any, exponent: Any) -> None:
@@ -115,6 +127,114 @@ def normalize(expression: str) -> str:
     for pattern, repl in _WORDS:
         text = re.sub(pattern, repl, text, flags=re.I)
     return text
+
+
+# Reading a plain math request without the model ("Subtract 7,845 from 20,000" -> "20000 - 7845").
+# Phrases whose operands come in another order than the operators take them, or that name an
+# operation, become the expression they state; the rest is normalize's operator words.
+_N = r"(-?\d+(?:\.\d+)?)"
+_LIST = rf"({_N}(?:\s*,\s*{_N})*,?\s+and\s+{_N})"
+_PHRASES = [
+    (rf"\b(?:subtract|take away|take|deduct)\s+{_N}\s+(?:away\s+)?from\s+{_N}", r"(\2 - \1)"),
+    (rf"\badd\s+{_N}\s+to\s+{_N}", r"(\2 + \1)"),
+    (rf"\bmultiply\s+{_N}\s+(?:by|and|with)\s+{_N}", r"(\1 * \2)"),
+    (rf"\bdivide\s+{_N}\s+by\s+{_N}", r"(\1 / \2)"),
+    (rf"\b(?:the\s+)?difference between\s+{_N}\s+and\s+{_N}", r"(\1 - \2)"),
+    (rf"\b(?:the\s+)?(?:sum|total) of (?:all\s+)?(?:the\s+)?(?:integers|numbers|whole numbers) from\s+{_N}\s+to\s+{_N}",
+     r"summation(k, (k, \1, \2))"),
+    (rf"\b(?:increase|raise|grow)\s+{_N}\s+by\s+{_N}\s*(?:%|percent)", r"(\1 * (1 + \2/100))"),
+    (rf"\b(?:decrease|reduce|lower|cut)\s+{_N}\s+by\s+{_N}\s*(?:%|percent)", r"(\1 * (1 - \2/100))"),
+    (rf"\bwhat (?:percent(?:age)?|%) of\s+{_N}\s+is\s+{_N}", r"(\2 / \1 * 100)"),
+    (rf"\b{_N}\s+is what (?:percent(?:age)?|%) of\s+{_N}", r"(\1 / \2 * 100)"),
+    (rf"^.*?\bfrom\s+{_N}\s+to\s+{_N}\b(?=.*\bpercent)", r"((\2 - \1) / \1 * 100)"),  # the percent change
+    (rf"\b(?:raised\s+)?to the\s+{_N}(?:st|nd|rd|th)?\s+power", r"** \1"),
+    (rf"\b{_N}\s+factorial|\bfactorial of\s+{_N}", r"factorial(\1\2)"),
+    (rf"\b(?:the\s+)?(?:greatest common divisor|gcd|highest common factor|hcf|greatest common factor)\s+of\s+{_N}\s+and\s+{_N}", r"gcd(\1, \2)"),
+    (rf"\b(?:the\s+)?(?:least common multiple|lcm|lowest common multiple)\s+of\s+{_N}\s+and\s+{_N}", r"lcm(\1, \2)"),
+    (rf"\bis\s+{_N}\s+(?:a\s+)?prime(?:\s+number)?", r"isprime(\1)"),
+    (r"(?<=\d)\s*x\s*(?=\d)", " * "),  # 3 x 4
+    (r"(?<![\w.])(\d+(?:\.\d+)?)([a-z])(?![\w(])", r"\1*\2"),  # 3x -> 3*x
+]
+_LISTS = [(rf"\b(?:add(?:\s+up|\s+together)?|(?:the\s+)?(?:sum|total) of)\s+{_LIST}", "+"),
+          (rf"\b(?:the\s+)?product of\s+{_LIST}", "*")]
+_SYMBOLIC = [  # an operation on a whole expression: "integrate x^2 with respect to x"
+    (r"^(?:please\s+)?(?:integrate|find the integral of|(?:what is )?the integral of)\s+(.+?)(?:\s+(?:with respect to|dx|d)\s*([a-z]))?$",
+     lambda m: f"integrate({m[1]}, {m[2] or 'x'})"),
+    (r"^(?:please\s+)?(?:differentiate|find the derivative of|(?:what is )?the derivative of)\s+(.+?)(?:\s+with respect to\s+([a-z]))?$",
+     lambda m: f"diff({m[1]}, {m[2] or 'x'})"),
+    (r"^(?:please\s+)?(factor|simplify|expand)\s+(?:the\s+(?:polynomial|expression|function)\s+)?(.+)$",
+     lambda m: f"{m[1].lower()}({m[2]})"),
+    (r"^(?:what is\s+)?the limit of\s+(.+?)\s+as\s+([a-z])\s+(?:approaches|goes to|tends to|->)\s+(\S+)$",
+     lambda m: f"limit({m[1]}, {m[2]}, {m[3]})"),
+    (r"^(?:please\s+)?solve(?:\s+for\s+[a-z])?\s*:?\s+(.+?)(?:\s+for\s+[a-z])?$", lambda m: m[1]),
+]
+_PLACES = re.compile(r"\s*\b(?:to|with|in)\s+(\d+)\s+(?:decimal places|decimals|places|digits after the (?:decimal )?point)\b", re.I)
+_DECIMAL = re.compile(r"\s*\b(?:as|in) (?:a )?decimal(?: number| form)?\b", re.I)
+
+
+def _plain(expression: str) -> bool:
+    """Math as a request states it: not a bare list of numbers ("101, 99, 104"), and no names but
+    functions and one-letter variables (so "order ZX-77" is not read as ZX - 77)."""
+    tree = check(expression)
+    if isinstance(tree.body, (ast.Tuple, ast.List)):
+        return False
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} - set(_FUNCTIONS) - set(_CONSTANTS)
+    return all(len(name) == 1 for name in names)
+
+
+MAX_READ_WORDS = 40  # longer requests are not plain math; spans grow with the square of the length
+
+
+@functools.lru_cache(maxsize=256)  # the router asks, then the kernel: one reading per request
+def _read(request: str) -> tuple[tuple[str, str], ...] | None:
+    made = read_uncached(request)
+    return tuple(made.items()) if made else None
+
+
+def read(request: str) -> dict[str, str] | None:
+    """The calculator call a plain math request states (see read_uncached), remembered per request."""
+    made = _read(request)
+    return dict(made) if made else None
+
+
+def read_uncached(request: str) -> dict[str, str] | None:
+    """The calculator call a plain math request states, read without the model: {"expression": ...}
+    when some span of the request, its phrases read as math, computes and carries every number
+    the request states; None otherwise (a word problem is left to the model)."""
+    text = _NUMBER_WORDS.sub(_words_to_number, " ".join(request.split()))
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text).replace("$", "")
+    stated = set(re.findall(r"\d+(?:\.\d+)?", text))
+    if not stated or len(text) > MAX_EXPRESSION or len(text.split()) > MAX_READ_WORDS:
+        return None
+    places = _PLACES.search(text)
+    decimal = _DECIMAL.search(text)
+    text = _DECIMAL.sub("", _PLACES.sub("", text))
+    for pattern, repl in _PHRASES:
+        text = re.sub(pattern, repl, text, flags=re.I)
+    for pattern, joiner in _LISTS:
+        text = re.sub(pattern, lambda m: "(" + f" {joiner} ".join(re.findall(_N, m[1])) + ")", text, flags=re.I)
+    text = normalize(text)
+    for sentence in [text, *re.split(r"(?<=[.?!:;])\s+", text)]:
+        sentence = sentence.strip().rstrip("?.!").strip()
+        for pattern, build in _SYMBOLIC:
+            if (m := re.match(pattern, sentence, re.I)):
+                text = text.replace(sentence, build(m))
+                break
+    words = text.split()
+    for n in range(len(words), 0, -1):  # the longest span that computes and carries every stated number
+        for i in range(len(words) - n + 1):
+            span = " ".join(words[i:i + n]).strip(" \t,;:!?\"'`=").rstrip(".")
+            if places:
+                span = f"round({span}, {places[1]})"
+            elif decimal:
+                span = f"N({span})"
+            try:
+                made = _computes({"expression": span})
+            except CalculatorError:
+                continue
+            if made and stated <= set(re.findall(r"\d+(?:\.\d+)?", made["expression"])) and _plain(made["expression"]):
+                return made
+    return None
 
 
 def check(expression: str) -> ast.Expression:
@@ -206,6 +326,18 @@ def parse(expression: str) -> Any:
     return _Translator().visit(check(expression))
 
 
+def _decimal(value: Any) -> str:
+    """"= d" for a fraction with a short exact decimal expansion (3/8 = 0.375), else "≈ d" (15 digits)."""
+    import sympy
+
+    p, q = int(value.p), int(value.q)
+    places = max(sympy.multiplicity(2, q), sympy.multiplicity(5, q))
+    if places > 40 or q != 2 ** sympy.multiplicity(2, q) * 5 ** sympy.multiplicity(5, q):
+        return f"≈ {sympy.N(value, 15)}"
+    digits = str(abs(p) * 10**places // q).rjust(places + 1, "0")
+    return f"= {'-' if p < 0 else ''}{digits[:-places]}.{digits[-places:]}"
+
+
 def _format(value: Any, digits: int | None) -> str:
     import sympy
 
@@ -215,6 +347,8 @@ def _format(value: Any, digits: int | None) -> str:
         if isinstance(value, (list, tuple)):
             return str([sympy.N(v, digits) for v in value])
         return str(sympy.N(value, digits))
+    if isinstance(value, sympy.Rational) and not value.is_Integer:  # 117/10 = 11.7; 7/3 ≈ 2.33333333333333
+        return f"{value} {_decimal(value)}"
     if isinstance(value, sympy.Basic) and value.is_number and not (value.is_Rational or value.is_Float) and value.is_finite:
         return f"{value} ≈ {sympy.N(value, 15)}"
     return str(value)
@@ -281,17 +415,21 @@ EXAMPLES = (
     "Calculate the square root of 1764.", "How much is 1234 + 5678 - 910?", "Divide 7 by 3 exactly.",
     "Solve x**2 - 5*x + 6 = 0 for x.", "Integrate x**2 * sin(x) with respect to x.", "What is 100 factorial?",
     "Use the calculator: 3.5 * (2 + 8) / 4", "Simplify (x**2 - 1)/(x - 1).", "What is the derivative of x**3 + 2x?",
+    "A shop packs 12 boxes of 8 eggs. How many eggs is that in total?",
+    "The price rose from 50 to 65 dollars. By what percent did it go up?", "What is 25 squared minus 24 squared?",
+    "What is the sum of the whole numbers from 1 to 50?", "Four friends share a 96 dollar bill equally; what does each pay?",
 )
 PATTERNS = (
     r"\d\s*(?:[-+*/^×÷%]|\*\*)\s*\(?\s*-?\d",  # 17 * 23, 2^10, 3.5*(2+8)
-    r"\d+\s+(?:times|plus|minus|divided by|multiplied by|to the power of|mod)\s+\d",
+    r"\d+\s+(?:times|plus|minus|divided by|multiplied by|to the power of|mod)\s+\d", r"\d\s+(?:squared|cubed)\b",
+    r"\d\s*(?:%|percent\b)",
     r"\b(?:square root|cube root|factorial|percent of|integrate|derivative|differentiate|solve)\b",
     r"\bcalculat(?:e|or)\b",
 )
 
 
 @tool(timeout=TIME_LIMIT + 5, touches="nothing (pure computation in a child process)",
-      examples=EXAMPLES, patterns=PATTERNS, check=_computes, says="{expression} = {result}")
+      examples=EXAMPLES, patterns=PATTERNS, check=_computes, says="{expression} = {result}", reads=read)
 def calculator(
     expression: Annotated[str, Field(description="Math in Python/SymPy syntax, e.g. '12345*6789', '2**100', 'integrate(x**2, x)', 'solve(x**2 - 4, x)', 'N(pi, 50)'")],
 ) -> str:

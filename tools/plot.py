@@ -142,4 +142,4 @@ EXAMPLES = (
     "Show a histogram of 3, 5, 5, 6, 7, 7, 7, 9.", "Graph my weekly steps: 8000, 9500, 7000, 12000.",
     "Visualize the values 0.5, 1.5, 1.2, 2.8 as a line.", "Can you plot the squares of 1 to 6?",
 )
-PATTERNS = (r"\b(?:plot|chart|graph|histogram|visuali[sz]e|draw)\w*\b",)
+PATTERNS = (r"\b(?:plot|chart|graph|histogram|visuali[sz]e|draw)\w*\b[^.?!]*\d",)  # the word, then data

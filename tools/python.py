@@ -770,7 +770,7 @@ EXAMPLES = (
     "Run a script that counts the vowels in 'hello world'.", "In Python, what is len('llmos') * 7?",
     "Test this function for me: def f(x): return x * 2; print(f(21))",
 )
-PATTERNS = (r"```", r"\bpython\b", r"\b(?:run|execute|test) (?:this|the|my|a) (?:code|script|snippet|program|function)\b",
+PATTERNS = (r"```", r"\b(?:in|with|using|use|run|execute|write|python (?:code|script|program|snippet))\b[^.?!]{0,30}\bpython\b", r"\b(?:run|execute|test) (?:this|the|my|a) (?:code|script|snippet|program|function)\b",
             r"\bprint\(|\bdef \w+\(|\bimport \w+|\blambda\b")
 
 
