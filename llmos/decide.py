@@ -56,6 +56,7 @@ NAME_BOOST = 0.2  # the request names the tool
 MARGIN = 0.04  # how far the best tool must beat "no tool"
 FLOOR = 0.3  # the least similarity a routed tool needs
 MAX_SPAN_WORDS = 12
+SHORT_SPAN_WORDS = 5  # a tool with no check of its own: its required strings are limited to short spans (names, units, places)
 MAX_SPANS = 200
 _STOP = {"get", "set", "find", "make", "run", "do", "the", "a", "an", "of", "to", "for", "and", "tool", "data", "info"}
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?![\w])")
@@ -243,10 +244,10 @@ def _limited(schema: Any, numbers: list[float], words: list[str]) -> Any:
 
 def grounded_tool(tool: Tool, request: str) -> Tool | None:
     """The tool with a grammar (its `constraint`) under which its required number values are the
-    request's numbers and, for a tool that checks its arguments, its required plain strings are
-    spans of the request; None when the request states nothing to limit them to."""
+    request's numbers and its required plain strings are spans of the request (short ones for a
+    tool with no check of its own); None when the request states nothing to limit them to."""
     numbers = sorted(set(numbers_in(request)))
-    words = spans(request) if tool.check is not None else []
+    words = spans(request) if tool.check is not None else [w for w in spans(request) if len(w.split()) <= SHORT_SPAN_WORDS]
     props = dict(tool.parameters.get("properties") or {})
     changed = False
     for name in tool.parameters.get("required") or []:
@@ -304,7 +305,8 @@ def read_call(tool: Tool | None, request: str) -> tuple[Message, Message] | None
     canonical = tool.check(dict(arguments)) if tool.check is not None else None
     call = ToolCall(tool.name, dict(canonical) if isinstance(canonical, Mapping) else dict(arguments))
     reply = Message("assistant", "", tool_calls=(call,), meta={"raw": render_call(call), "read": True})
-    notice = Message("kernel", f"read the call from the request: {render_call(call)}", meta={
+    shown = ", ".join(f"{k}={v!r}" for k, v in call.arguments.items())
+    notice = Message("kernel", f"read the call from the request: {tool.name}({shown})", meta={
         "event": "read", "tool": tool.name, "arguments": dict(call.arguments), "ms": round((time.perf_counter() - t0) * 1000, 2)})
     return reply, notice
 

@@ -413,11 +413,11 @@ def _answer_problem(case: Mapping[str, Any], answer: str) -> str | None:
     flat = re.sub(r"(?<=\d)[,\u202f\u00a0](?=\d{3}\b)", "", answer)  # 83,810,205 states 83810205
     needle = case.get("answer_contains")
     if needle is not None:
-        # A number stands alone: "391" is not found in "1391" or "3.391", nor "12" in "12.5"; a
+        # A number stands alone: "391" is not found in "1391" or "3.391", nor "12" in "12.5" (but in "12.0"); a
         # decimal may go on with more digits ("1.41421" is in "1.414214").
         pattern = re.escape(needle)
         if re.fullmatch(r"-?\d+", needle):
-            pattern = rf"(?<![\d.]){pattern}(?!\.?\d)"
+            pattern = rf"(?<![\d.]){pattern}(?:\.0+)?(?!\.?\d)"  # 50.0 states 50
         elif re.fullmatch(r"-?\d+\.\d+", needle):
             pattern = rf"(?<![\d.]){pattern}"
         if not (re.search(pattern, answer, re.I) or re.search(pattern, flat, re.I)):

@@ -400,7 +400,7 @@ def test_browser_through_the_kernel(llama_backend, browser, site, tmp_path):
 
     kernel = Kernel(llama_backend, tools=[browser.tool], trace=tmp_path, config={"budget": {"steps": 3}, "sampling": {"max_tokens": 96}})
     msgs = list(kernel.run(f"Open {site}/about and tell me who made the site.", tool_choice="browser"))
-    call = msgs[1].tool_calls[0]
+    call = next(m for m in msgs if m.tool_calls).tool_calls[0]  # read from the request, or written by the model
     assert call.name == "browser" and call.arguments["action"] in browser.tool.parameters["properties"]["action"]["enum"]
     result = next(m for m in msgs if m.role == "tool")
     assert result.meta["untrusted"] is True

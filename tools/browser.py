@@ -842,6 +842,21 @@ PATTERNS = (r"\bhttps?://\S+", r"\b(?:localhost|127\.0\.0\.1)(?::\d+)?(?:/\S*)?"
             r"\b(?:web ?page|website|web site|this page|the page at|browse|screenshot)\b")
 
 
+_URL = re.compile(r"\bhttps?://[^\s\"'<>)\]]+|\b(?:localhost|127\.0\.0\.1)(?::\d+)?(?:/[^\s\"'<>)\]]*)?")
+_ACTING = re.compile(r"\b(?:fill|type|enter|submit|click|press|log ?in|sign ?in|screenshot|follow|search for)\b", re.I)
+
+
+def read(request: str) -> dict[str, str] | None:
+    """A request to read one page ("Open http://127.0.0.1:8000/ and tell me its title"): an open
+    of its URL, read without the model. None for several URLs or when the request asks to act
+    on the page (fill, click, submit ...): the model plans those steps."""
+    urls = list(dict.fromkeys(u.rstrip(".,;:!?") for u in _URL.findall(request)))
+    if len(urls) != 1 or _ACTING.search(request):
+        return None
+    url = urls[0] if "://" in urls[0] else f"http://{urls[0]}"
+    return {"action": "open", "url": url}
+
+
 class Browser:
     """The browser tool's state: settings, the current session, and the watchdog around every call."""
 
@@ -860,7 +875,7 @@ class Browser:
             self.browser, name="browser", untrusted=True,
             timeout=o.launch_timeout + o.call_limit + o.nav_timeout + GRACE + 5,
             touches=f"web pages on the allow-listed domains: {allowed}; writes screenshots to {self.shots}",
-            close=self.close, examples=EXAMPLES, patterns=PATTERNS,
+            close=self.close, examples=EXAMPLES, patterns=PATTERNS, reads=read,
         )
 
     def browser(

@@ -147,6 +147,15 @@ _PHRASES = [
     (rf"\bwhat (?:percent(?:age)?|%) of\s+{_N}\s+is\s+{_N}", r"(\2 / \1 * 100)"),
     (rf"\b{_N}\s+is what (?:percent(?:age)?|%) of\s+{_N}", r"(\1 / \2 * 100)"),
     (rf"^.*?\bfrom\s+{_N}\s+to\s+{_N}\b(?=.*\bpercent)", r"((\2 - \1) / \1 * 100)"),  # the percent change
+    # word problems of the commonest shapes: a discount, a tip or tax, a bill split, a price each, a rate for a time
+    (rf"{_N}\b[^.?!%]*?\b{_N}\s*(?:%|percent)\s+(?:off|discount)\b", r"(\1 * (1 - \2/100))"),
+    (rf"\b{_N}\s*(?:%|percent)\s+(?:tip|tax|vat|interest|commission|service charge|discount)\s+(?:on|of|for)\s+(?:a\s+|an\s+|the\s+|my\s+)?(?:[a-z]+\s+){{0,3}}?(?:of\s+)?{_N}",
+     r"(\1/100 * \2)"),
+    (rf"\b{_N}\s+(?:[a-z]+\s+)?(?:split|share|divide)\w*\s+(?:a\s+|an\s+|the\s+)?(?:[a-z]+\s+){{0,3}}?(?:of\s+)?{_N}", r"(\2 / \1)"),
+    (rf"\b(?:split|share|divide)\w*\s+(?:a\s+|an\s+|the\s+)?(?:[a-z]+\s+){{0,3}}?(?:of\s+)?{_N}\s+(?:[a-z]+\s+)?(?:evenly\s+|equally\s+)?(?:among|between|by|into)\s+{_N}",
+     r"(\1 / \2)"),
+    (rf"\b{_N}\s+(?:[a-z]+\s+){{1,2}}(?:at|for|costing)\s+{_N}\s+(?:[a-z]+\s+)?(?:each|apiece|a piece|per [a-z]+)", r"(\1 * \2)"),
+    (rf"\b{_N}\s+[a-z]+\s+(?:every|each|per|an|a)\s+([a-z]+)\s+for\s+{_N}\s+\2s?\b", r"(\1 * \3)"),
     (rf"\b(?:raised\s+)?to the\s+{_N}(?:st|nd|rd|th)?\s+power", r"** \1"),
     (rf"\b{_N}\s+factorial|\bfactorial of\s+{_N}", r"factorial(\1\2)"),
     (rf"\b(?:the\s+)?(?:greatest common divisor|gcd|highest common factor|hcf|greatest common factor)\s+of\s+{_N}\s+and\s+{_N}", r"gcd(\1, \2)"),
@@ -180,6 +189,18 @@ def _plain(expression: str) -> bool:
         return False
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} - set(_FUNCTIONS) - set(_CONSTANTS)
     return all(len(name) == 1 for name in names)
+
+
+def _unwrapped(expression: str) -> str:
+    """Without parentheses around the whole expression: "(20000 - 7845)" -> "20000 - 7845"."""
+    while expression.startswith("(") and expression.endswith(")"):
+        depth = 0
+        for i, c in enumerate(expression):
+            depth += {"(": 1, ")": -1}.get(c, 0)
+            if depth == 0 and i < len(expression) - 1:
+                return expression  # "(1 + 2) * (3 + 4)": the first group closes early
+        expression = expression[1:-1].strip()
+    return expression
 
 
 MAX_READ_WORDS = 40  # longer requests are not plain math; spans grow with the square of the length
@@ -233,7 +254,7 @@ def read_uncached(request: str) -> dict[str, str] | None:
             except CalculatorError:
                 continue
             if made and stated <= set(re.findall(r"\d+(?:\.\d+)?", made["expression"])) and _plain(made["expression"]):
-                return made
+                return {"expression": _unwrapped(made["expression"])}
     return None
 
 
@@ -351,6 +372,8 @@ def _format(value: Any, digits: int | None) -> str:
         return f"{value} {_decimal(value)}"
     if isinstance(value, sympy.Basic) and value.is_number and not (value.is_Rational or value.is_Float) and value.is_finite:
         return f"{value} ≈ {sympy.N(value, 15)}"
+    if isinstance(value, sympy.Float) and "e" not in str(value):  # 50.0000000000000 -> 50, 0.375000 -> 0.375
+        return str(value).rstrip("0").rstrip(".") if "." in str(value) else str(value)
     return str(value)
 
 

@@ -760,7 +760,7 @@ def make(ctx: ToolContext) -> Tool:
     # The Toolbox's own limit is a backstop: the session reports its timeout first, with the output so far.
     return make_tool(session.python, name="python", description=describe(options, sandboxed),
                      timeout=options.timeout + options.startup_timeout + 10, touches=touches, close=session.close,
-                     examples=EXAMPLES, patterns=PATTERNS, check=_has_code, says=_says)
+                     examples=EXAMPLES, patterns=PATTERNS, check=_has_code, says=_says, reads=read)
 
 
 EXAMPLES = (
@@ -784,11 +784,66 @@ def _says(arguments: Any, result: str) -> str:
     return f"The code gives {text}."
 
 
+_IDLE = ("Module", "Expr", "Name", "Load", "BoolOp", "And", "Or", "Tuple", "Constant", "UnaryOp", "Not")
+
+
 def _has_code(arguments: Any) -> bool:
-    """A python call makes sense when its code compiles (Python's own parser, nothing runs)."""
+    """A python call makes sense when its code compiles (Python's own parser, nothing runs) and
+    does something: a bare name, number or "a and b" (words of a request that happen to parse)
+    does not."""
+    import ast
     import warnings
 
+    code = str(arguments.get("code", ""))
     with warnings.catch_warnings():  # the model's code may warn at compile time; that is not ours to print
         warnings.simplefilter("ignore")
-        compile(str(arguments.get("code", "")), "<cell>", "exec")
-    return bool(str(arguments.get("code", "")).strip())
+        compile(code, "<cell>", "exec")
+        tree = ast.parse(code)
+    return bool(code.strip()) and any(type(node).__name__ not in _IDLE for node in ast.walk(tree))
+
+
+def read(request: str) -> dict[str, str] | None:
+    """The code a request gives to run, read without the model: a fenced or `quoted` block, the
+    text after the request's last colon, or the longest span of a one-line request that compiles
+    and does something. None when the request gives no code (the model writes it)."""
+    import re
+
+    quoted = re.findall(r"```(?:python|py)?\s*\n?(.*?)```", request, re.S) + re.findall(r"`([^`\n]+)`", request)
+    for code in quoted:
+        if _runs(code, prose=False):
+            return {"code": code.strip()}
+    words = request.split()
+    tails = [request.split(":", 1)[1], request.rsplit(":", 1)[1]] if ":" in request else []
+    spans = [] if "\n" in request.strip() or len(words) > 60 else (
+        " ".join(words[i:i + n]).rstrip(".?!") for n in range(len(words), 0, -1) for i in range(len(words) - n + 1))
+    return next(({"code": code.strip()} for code in itertools.chain(tails, spans) if _runs(code, prose=True)), None)
+
+
+def _runs(code: str, prose: bool) -> bool:
+    """The code compiles and does something; prose=True (text taken from a sentence) also refuses
+    what English happens to parse as: "what is len(x)" (an `is` between names), "vowels in 'abc'",
+    "Python, what ..." (a tuple of them), "code: print(1)" (an annotation), "miles. How" (an
+    attribute), and arithmetic alone, which is the calculator's."""
+    import ast
+    import re
+
+    try:
+        if not _has_code({"code": code}):
+            return False
+        tree = ast.parse(code.strip())
+    except (SyntaxError, ValueError):
+        return False
+    if not prose:
+        return True
+    if len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr) and isinstance(tree.body[0].value, ast.Tuple):
+        return False
+    if any(isinstance(node, ast.AnnAssign) for node in tree.body):  # "code: print(1)" is a label, not an annotation
+        return False
+    if re.search(r"[\w)'\"]\.\s+[A-Za-z]", code):  # "miles. How": two sentences, not an attribute
+        return False
+    program = (ast.Call, ast.Assign, ast.AugAssign, ast.For, ast.While, ast.If, ast.FunctionDef, ast.Import, ast.ImportFrom,
+               ast.ListComp, ast.DictComp, ast.SetComp, ast.GeneratorExp, ast.Subscript, ast.Attribute, ast.Lambda)
+    if not any(isinstance(node, program) for node in ast.walk(tree)):  # "17 * 23" is the calculator's
+        return False
+    return not any(isinstance(node, ast.Compare) and any(isinstance(op, (ast.Is, ast.IsNot, ast.In, ast.NotIn)) for op in node.ops)
+                   and isinstance(node.left, ast.Name) for node in ast.walk(tree))
