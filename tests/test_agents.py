@@ -72,7 +72,8 @@ def test_agents_in_threads_share_the_model_and_tools_run_meanwhile(tmp_path):
             assert msgs[-1].meta["exit"] in ("answer", "max_steps")
             assert any(m.role == "tool" for m in msgs)
         rows = sched.ps()
-        assert [r["state"] for r in rows] == ["done"] * 3 and all(r["turns"] >= 2 and r["tokens"] > 0 for r in rows)
+        # the calculator reads "What is 2**10?" itself: one model turn (the answer) per agent
+        assert [r["state"] for r in rows] == ["done"] * 3 and all(r["turns"] >= 1 and r["tokens"] > 0 for r in rows)
     finally:
         shared.close()
 
