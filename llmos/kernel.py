@@ -89,7 +89,7 @@ class Kernel:
             decision = self.router.decide(prompt, list(self.tools))  # the kernel decides: a tool, or an answer
             yield self._add(decision.message())
             choice, decided = decision.tool or "none", decision.tool is not None
-        if choice in self.tools and budget.steps > 1:  # a call the request states plainly needs no model turn
+        if decided and budget.steps > 1:  # a call the request states plainly needs no model turn
             read = read_call(self.tools.get(choice), prompt)
         deadline = time.monotonic() + budget.seconds if budget.seconds else None
         try:
