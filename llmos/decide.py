@@ -85,6 +85,9 @@ def _named(name: str, request: str) -> float:
     spaced = name.lower().replace("_", " ").replace("-", " ")
     if " " in spaced and re.search(rf"\b{re.escape(spaced)}\b", text):
         return 1.0
+    words = [w for w in spaced.split() if len(w) > 3 and w not in _STOP]
+    if len(words) > 1 and all(re.search(rf"\b{re.escape(w)}", text) for w in words):
+        return 1.0  # every significant word of a multi-word name: "search the memory" names memory_search
     return 1.0 if re.search(rf"\b(?:use|using|with|via|through|call|run|in|ask|try|write)\s+(?:the\s+|a\s+|my\s+|your\s+)?{re.escape(spaced)}\b", text) else 0.0
 
 
