@@ -109,7 +109,7 @@ def test_a_plain_math_request_is_read_without_a_model_turn(router, tmp_path):
     assert any(json.loads(l).get("meta", {}).get("event") == "read" for l in (tmp_path / "t.jsonl").read_text().splitlines())
 
 
-def test_a_given_tool_choice_reads_too_but_one_step_leaves_it_to_the_model(router, tmp_path):
+def test_a_one_step_budget_reads_nothing_and_runs_nothing(router, tmp_path):
     backend = ScriptedBackend(["391"])
     kernel = Kernel(backend, [load_builtin("calculator")], trace=tmp_path, router=router, config={"budget": {"steps": 1}})
     list(kernel.run("What is 17 * 23?"))  # one step must be the answer: nothing is read or run
