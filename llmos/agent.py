@@ -33,7 +33,7 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def prepare(task: Task, task_path: Path, resources: Any, runs_dir: Path, name: str | None = None,
-            approve: Callable[[Any], bool] | None = None) -> tuple[Any, Path]:
+            approve: Callable[[Any, str], bool] | None = None) -> tuple[Any, Path]:
     """The kernel for one task, built on shared resources, and the run's artifacts folder."""
     from llmos.build import build
 
@@ -54,7 +54,7 @@ def run_task(task: Task, task_path: Path, kernel: Any, folder: Path,
     store = kernel.memory.store
     result: dict[str, Any] = {"task": str(task_path), "name": kernel.name, "artifacts": str(folder),
                               "trace": str(kernel.trace.path), "status": "running", "ingested": None}
-    answer, exit_reason, steps, called = "", None, 0, set()
+    answer, exit_reason, steps, called, decisions = "", None, 0, set(), []
     tokens = {"prompt": 0, "evaluated": 0, "generated": 0}
     t0 = time.perf_counter()
     first_token_s = None
@@ -81,6 +81,8 @@ def run_task(task: Task, task_path: Path, kernel: Any, folder: Path,
                 called |= {c.name for c in message.tool_calls}
                 if not message.tool_calls:
                     answer = message.content
+            if message.role == "kernel" and message.meta.get("event") == "policy":
+                decisions.append(dict(message.meta))
             if message.role == "kernel" and message.meta.get("exit"):
                 exit_reason, steps = message.meta["exit"], message.meta.get("steps") or 0
         result["status"] = "interrupted" if exit_reason == "stopped" else "finished"
@@ -91,7 +93,7 @@ def run_task(task: Task, task_path: Path, kernel: Any, folder: Path,
         checks = run_checks(task, answer, called, folder) if result["status"] == "finished" else []
         result.update({
             "answer": answer, "exit": exit_reason, "steps": steps, "tools_called": sorted(called),
-            "tokens": tokens, "checks": checks, "passed": result["status"] == "finished" and all(c["passed"] for c in checks),
+            "tokens": tokens, "policy": decisions, "checks": checks, "passed": result["status"] == "finished" and all(c["passed"] for c in checks),
             "timings": {"total_s": round(time.perf_counter() - t0, 3),
                         "first_token_s": round(first_token_s, 3) if first_token_s is not None else None},
         })

@@ -24,7 +24,8 @@ class Resources:
     a single writer). `close()` closes each once. publisher: publishes the schedulers' tables for
     `llmos ps` (optional)."""
 
-    def __init__(self, publisher: Publisher | None = None) -> None:
+    def __init__(self, publisher: Publisher | None = None, home: Path | None = None) -> None:
+        self.home = home or home_dir()  # where the hashes of models first used are kept
         self.backends: dict[ModelConfig, Any] = {}
         self.schedulers: dict[int, Scheduler] = {}
         self.stores: dict[str, Any] = {}
@@ -34,8 +35,12 @@ class Resources:
     def backend(self, model: ModelConfig) -> Any:
         if model not in self.backends:
             from llmos.llama import LlamaBackend
+            from llmos.models import record_model
 
-            self.backends[model] = LlamaBackend(model)
+            backend = self.backends[model] = LlamaBackend(model)
+            changed = record_model(backend.path, self.home)
+            if changed:
+                backend.notes = (*backend.notes, changed)
         return self.backends[model]
 
     def router(self) -> Any:
@@ -119,7 +124,7 @@ def build(
     base: Path | None = None,
     artifacts: Path | None = None,
     trace: str | Path | None = None,
-    approve: Callable[[ToolCall], bool] | None = None,
+    approve: Callable[[ToolCall, str], bool] | None = None,
 ) -> Kernel:
     """A ready kernel for `config` (a Config, a Task, Settings, or a dict of their fields).
 
@@ -127,6 +132,7 @@ def build(
     (default: the kernel's own, closed with it). base: the folder relative paths in the config
     are relative to (default: the current one). artifacts: where tools write (default
     <home>/runs/<name>-<time>). trace: a .jsonl file or a folder (default <home>/traces).
+    approve: `approve(call, why) -> bool` answers the policy's questions (none: unattended).
     """
     from llmos.memory.window import Budget, Memory
 
@@ -153,4 +159,12 @@ def build(
     if config.tools.tool_choice not in ("auto", "required", "none", *names):
         kernel.close()
         raise ConfigError(f"tools.tool_choice: {config.tools.tool_choice!r} is not one of the tools: {', '.join(names) or 'none'}")
+    unknown = [n for n in config.policy.tools if n not in names]
+    if unknown:
+        import difflib
+
+        kernel.close()
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"policy.tools: {unknown[0]!r} is not one of the tools{hint} (tools: {', '.join(names) or 'none'})")
     return kernel

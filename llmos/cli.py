@@ -199,7 +199,7 @@ def agent(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
-    resources = Resources(Publisher("agent " + " ".join(str(p) for p in task_files)))
+    resources = Resources(Publisher("agent " + " ".join(str(p) for p in task_files)), home=settings.home)
     try:
         jobs = []
         for i, (path, task) in enumerate(tasks):
@@ -308,7 +308,7 @@ def models(
                     "free_bytes": p.free_bytes, "needed_bytes": p.needed_bytes, "reason": p.reason}
             typer.echo(json.dumps(data) if as_json else f"{plan}: {p.describe()}")
             return
-        rows = [m.describe_model(origin, path) for origin, path in m.find_models(settings.home, settings.model_paths)]
+        rows = [m.describe_model(origin, path, settings.home) for origin, path in m.find_models(settings.home, settings.model_paths)]
     except _errors() as exc:
         raise fail(str(exc)) from None
     if as_json:

@@ -2,6 +2,7 @@
 
     Config           model (how it loads) · sampling (how this agent samples) · budget · tools
                      (built-ins, their options, user tools) · memory · agent (name, priority, system)
+                     · policy (what untrusted content may make a call do)
     Settings(Config) + home, model_paths: the config file `<home>/config.yaml` plus `-o key=value`
     Task(Config)     + goal, vars, artifacts, checks: a task file (llmos/task.py)
 
@@ -174,6 +175,24 @@ class MemoryConfig(Section):
         return self
 
 
+class PolicyConfig(Section):
+    """What the kernel lets a call do once untrusted content is in the window (llmos/policy.py).
+    `policy: {send_email: deny}` is shorthand for `policy: {tools: {send_email: deny}}`."""
+
+    tools: dict[str, Literal["allow", "ask", "deny"]] = {}  # per tool: allow (values still checked) | ask | deny
+    unattended: Literal["deny", "allow"] = "deny"  # what an "ask" becomes when no one is there to answer
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            rules = {k: v for k, v in data.items() if k not in cls.model_fields}
+            if rules:
+                data = {k: v for k, v in data.items() if k in cls.model_fields}
+                data["tools"] = {**(data.get("tools") or {}), **rules}
+        return data
+
+
 class AgentConfig(Section):
     """Who the agent is among others sharing a model."""
 
@@ -212,6 +231,7 @@ class Config(Section):
     tools: ToolsConfig = ToolsConfig()
     memory: MemoryConfig = MemoryConfig()
     agent: AgentConfig = AgentConfig()
+    policy: PolicyConfig = PolicyConfig()
 
     @pydantic.model_validator(mode="before")
     @classmethod

@@ -13,9 +13,11 @@ from llmos.config import Config
 from llmos.decide import Router, read_call, second_pass, says
 from llmos.memory.window import Memory
 from llmos.messages import Message, ToolCall, Trace
+from llmos.policy import Policy, Window
 from llmos.scheduler import Scheduler, Stopped
 from llmos.toolbox import Toolbox, as_tool
 
+SOURCE = {"assistant": "model", "user": "user"}  # provenance of a message that does not say (kernel, system: their role)
 DONE = {"answer": "done", "max_steps": "done", "timeout": "done", "tokens": "done",
         "stopped": "stopped", "interrupted": "stopped", "abandoned": "stopped"}  # exit -> process state
 
@@ -25,12 +27,14 @@ class Kernel:
     Most callers get one from `llmos.build`. backend: the model, never closed here (its maker
     does). tools: @tool functions, typed functions or OpenAI tool dicts. memory: window and store.
     config: a Config or a dict of one (sampling, budget, tool_choice, agent). scheduler: shared by
-    kernels on one backend. approve: asked before each call. trace: a .jsonl file or a folder.
-    router: decides in auto mode whether a turn needs a tool, and which (llmos.decide)."""
+    kernels on one backend. approve: `approve(call, why) -> bool`, asked when the policy (config
+    `policy`, llmos/policy.py) wants a person to decide; without it such calls are decided by
+    `policy.unattended`. trace: a .jsonl file or a folder. router: decides in auto mode whether a
+    turn needs a tool, and which (llmos.decide)."""
 
     def __init__(self, backend: Backend, tools: Iterable[Any] = (), *, memory: Memory | None = None,
                  config: Config | Mapping[str, Any] | None = None, scheduler: Scheduler | None = None,
-                 approve: Callable[[ToolCall], bool] | None = None, trace: str | Path | Trace | None = None,
+                 approve: Callable[[ToolCall, str], bool] | None = None, trace: str | Path | Trace | None = None,
                  router: Router | None = None) -> None:
         self.backend = backend
         self.config = config if isinstance(config, Config) else Config.model_validate(config or {})
@@ -39,6 +43,7 @@ class Kernel:
             self.memory.system = self.config.agent.system
         self.tools = Toolbox([*tools, *self.memory.tools()])
         self.approve, self.router = approve, router
+        self.policy = Policy(self.config.policy.tools, self.config.policy.unattended)
         self.trace = trace if isinstance(trace, Trace) else Trace.at(trace)
         self.name = self.config.agent.name or self.trace.path.stem
         self.key = f"{self.name}#{uuid.uuid4().hex[:8]}"  # backends keep one cached context per key
@@ -84,11 +89,11 @@ class Kernel:
 
     def _run(self, prompt: str, stream: bool, choice: str) -> Iterator[Message]:
         yield self._add(self.memory.user_turn(prompt))
-        budget, seen, used, step, prefix, decided, read = self.config.budget, set(), 0, 0, "", False, None
+        budget, seen, used, step, prefix, decided, read, routed = self.config.budget, set(), 0, 0, "", False, None, None
         if choice == "auto" and self.router is not None and len(self.tools):
             decision = self.router.decide(prompt, list(self.tools))  # the kernel decides: a tool, or an answer
             yield self._add(decision.message())
-            choice, decided = decision.tool or "none", decision.tool is not None
+            choice, decided, routed = decision.tool or "none", decision.tool is not None, decision.tool
         if decided and budget.steps > 1:  # a call the request states plainly needs no model turn
             read = read_call(self.tools.get(choice), prompt)
         deadline = time.monotonic() + budget.seconds if budget.seconds else None
@@ -126,10 +131,7 @@ class Kernel:
                     return
                 if self.stop.is_set():
                     raise Stopped(self.name)
-                self.scheduler.set_state(self.process, "waiting")
-                results = self.tools.call_all(reply.tool_calls, self.approve)
-                for result in results:
-                    yield self._add(result)
+                results = yield from self._call(reply.tool_calls, routed)
                 if decided:  # the kernel chose this call: the answer follows, stating the result as the tool says it
                     choice, prefix = "none", says(self.tools.get(reply.tool_calls[0].name), reply.tool_calls[0], results[0]) if len(results) == 1 else ""
                     continue
@@ -142,6 +144,24 @@ class Kernel:
             yield self._end("stopped", f"agent {self.name} stopped", step)
             return
         yield self._end("max_steps", "step budget exhausted", budget.steps)
+
+    def _call(self, calls: Sequence[ToolCall], routed: str | None) -> Generator[Message, None, list[Message]]:
+        """Run a turn's calls, each decided by the policy first (its decisions go into the trace;
+        a denied call's result tells the model why); returns the results in call order."""
+        window, refused = Window.of(self.memory.view()), {}
+        for call in calls:
+            verdict = self.policy.check(call, self.tools.get(call.name), window, routed)
+            if verdict is None:
+                continue
+            verdict = self.policy.resolve(verdict, call, self.approve)
+            yield self._add(verdict.message(call))
+            if verdict.decision == "deny":
+                refused[call.id] = f"the policy did not allow this call to {call.name!r}: {verdict.why}"
+        self.scheduler.set_state(self.process, "waiting")
+        results = self.tools.call_all(calls, refused)
+        for result in results:
+            yield self._add(result)
+        return results
 
     def _turn(self, choice: str, stream: bool, prefix: str = "") -> Generator[Message, None, Message]:
         """One model turn, after fitting the window into the context; yields memory notices and
@@ -167,6 +187,9 @@ class Kernel:
                 yield self._add(notice)
 
     def _add(self, message: Message) -> Message:
+        if not message.is_delta and "source" not in message.meta:  # provenance on every message
+            message = Message(message.role, message.content, message.tool_calls,
+                              {**message.meta, "source": SOURCE.get(message.role, message.role)})
         if not message.is_delta:
             self.memory.add(message)
             self.trace.write(message)

@@ -26,6 +26,7 @@ from llmos.gguf import GGUFInfo, ModelFileError, read_gguf
 from llmos.grammar import CALL_CLOSE, CALL_OPEN, GrammarError, forced_text, parse_calls, render_call, tool_call_grammar, tools_prompt
 from llmos.kvstate import KVStates
 from llmos.messages import Message
+from llmos.policy import as_data, control_pattern
 from llmos.toolbox import Tool
 
 
@@ -43,16 +44,18 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _message_dicts(messages: Sequence[Message], tools: Sequence[Tool]) -> list[dict[str, str]]:
-    """Messages as the chat template sees them: tool block in the system prompt, calls as text."""
+def _message_dicts(messages: Sequence[Message], tools: Sequence[Tool], controls: Any = None) -> list[dict[str, str]]:
+    """Messages as the chat template sees them: tool block in the system prompt, calls as text.
+    All text but the model's own turns is data (llmos.policy.as_data): control strings of the
+    vocabulary (`controls`) and call tags in it cannot act as the template's or the grammar's."""
     out: list[dict[str, str]] = []
     msgs = list(messages)
     system = DEFAULT_SYSTEM
     if msgs and msgs[0].role == "system":
-        system, msgs = msgs[0].content, msgs[1:]
+        system, msgs = as_data(msgs[0].content, controls, calls=False), msgs[1:]
     regions = []  # further leading system messages (memory regions) go after the tools block, so the
     while msgs and msgs[0].role == "system":  # stable part (prompt + tools) stays a cached prefix
-        regions.append(msgs[0].content)
+        regions.append(as_data(msgs[0].content, controls))
         msgs = msgs[1:]
     if tools:
         system = f"{system}\n\n{tools_prompt((t.name, t.description, t.parameters) for t in tools)}"
@@ -66,9 +69,9 @@ def _message_dicts(messages: Sequence[Message], tools: Sequence[Tool]) -> list[d
             out.append({"role": "assistant", "content": content})
         elif m.role == "tool":
             name = m.meta.get("name", "tool")
-            out.append({"role": "tool", "content": f'<tool_response name="{name}">\n{m.content}\n</tool_response>'})
+            out.append({"role": "tool", "content": f'<tool_response name="{name}">\n{as_data(m.content, controls)}\n</tool_response>'})
         else:
-            out.append({"role": m.role, "content": m.content})
+            out.append({"role": m.role, "content": as_data(m.content, controls)})
     return out
 
 
@@ -226,6 +229,7 @@ class LlamaBackend:
         self.vocab = self.llm._model.vocab
         self.n_vocab = self.llm.n_vocab()
         self._pieces: dict[int, bytes] = {}
+        self._controls: Any = None
         self._closer_bias: Any = None
         self._lock = threading.Lock()
         meta = self.llm.metadata
@@ -292,7 +296,7 @@ class LlamaBackend:
         templates that reject or drop a system message (Gemma 2's) get it atop the first user turn."""
         import jinja2
 
-        dicts = _message_dicts(messages, tools)
+        dicts = _message_dicts(messages, tools, self.controls)
         tries = ([dicts] if self._tool_role else []) + [_without_tool_role(dicts), _without_tool_role(dicts, system=False)]
         problem = "it leaves out the system message"
         for attempt in tries:
@@ -306,6 +310,25 @@ class LlamaBackend:
             if attempt[0]["role"] != "system" or attempt[0]["content"].strip() in prompt:
                 return prompt
         raise ModelFileError(f"{self.path}: the model's chat template failed ({problem})")
+
+    @property
+    def controls(self) -> Any:
+        """A pattern of the vocabulary's control-token strings (e.g. <|im_start|>), read once: a
+        token that prints only when special tokens are shown."""
+        if self._controls is None:
+            found = []
+            for token in range(self.n_vocab):
+                if not self._text_of(token, False):
+                    shown = self._text_of(token, True)
+                    if shown:
+                        found.append(shown.decode("utf-8", "replace"))
+            self._controls = control_pattern(found) or re.compile(r"(?!x)x")
+        return self._controls
+
+    def _text_of(self, token: int, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self.lc.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
+        return buf.raw[: max(n, 0)]
 
     def tokenize(self, text: str) -> list[int]:
         add_bos = bool(self.lc.llama_vocab_get_add_bos(self.vocab)) and not (self.bos_text and text.startswith(self.bos_text))

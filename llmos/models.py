@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -145,7 +148,53 @@ def resolve_gpu_layers(gpu_layers: int | str, info: GGUFInfo, n_ctx: int) -> tup
     return int(gpu_layers), None
 
 
-def describe_model(origin: str, path: Path) -> dict[str, object]:
+def _ledger(home: Path) -> dict[str, dict[str, object]]:
+    try:
+        data = json.loads((home / "models.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def sha256(path: Path, home: Path | None = None) -> str:
+    """The SHA-256 of a file; reused from <home>/models.json while its size and mtime are unchanged."""
+    stat = path.stat()
+    known = _ledger(home).get(str(path.resolve())) if home is not None else None
+    if isinstance(known, dict) and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+        return str(known["sha256"])
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_model(path: Path, home: Path) -> str | None:
+    """Record a model's SHA-256 on first use (in <home>/models.json); on later uses, the one-line
+    notice to show when the file at this path is no longer the one first used (else None). A file
+    is a model's parameters and can carry a backdoor: a changed file is worth knowing about."""
+    path = Path(path)
+    key, stat = str(path.resolve()), path.stat()
+    ledger = _ledger(home)
+    known = ledger.get(key) if isinstance(ledger.get(key), dict) else None
+    digest = sha256(path, home)
+    notice = None
+    if known is not None and known.get("sha256") != digest:
+        notice = (f"model file changed: {path} has SHA-256 {digest[:16]}…, not the {str(known.get('sha256'))[:16]}… "
+                  f"recorded when it was first used ({known.get('first_used', '?')}); check where it came from")
+    if known is None or known.get("size") != stat.st_size or known.get("mtime_ns") != stat.st_mtime_ns or notice:
+        import time
+
+        first = known.get("first_used") if known is not None and not notice else time.strftime("%Y-%m-%d %H:%M:%S")
+        ledger[key] = {"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "first_used": first}
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = home / f"models.json.{os.getpid()}.part"
+        tmp.write_text(json.dumps(ledger, indent=1), encoding="utf-8")
+        os.replace(tmp, home / "models.json")
+    return notice
+
+
+def describe_model(origin: str, path: Path, home: Path | None = None) -> dict[str, object]:
     """One row of `llmos models`; unreadable files report their error instead of failing the list."""
     try:
         info = read_gguf(path)
@@ -161,4 +210,5 @@ def describe_model(origin: str, path: Path) -> dict[str, object]:
         "context_length": info.context_length,
         "chat_template": info.chat_template is not None,
         "size_bytes": info.file_size,
+        "sha256": sha256(path, home),
     }

@@ -7,6 +7,7 @@ import sys
 from typing import Any, Iterable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from llmos.messages import Message
@@ -53,7 +54,10 @@ class MessagePrinter:
             style = "red" if message.meta.get("error") else "green"
             out.print(f"[{style}]← {message.meta.get('name', 'tool')}: {_short(message.content)}[/{style}]", markup=True)
         elif message.role == "kernel":
-            if message.meta.get("exit"):
+            if message.meta.get("event") == "policy":
+                style = {"allow": "dim", "deny": "red"}.get(str(message.meta.get("decision")), "yellow")
+                err.print(f"[{style}]{escape(message.content)}[/{style}]")
+            elif message.meta.get("exit"):
                 err.print(f"[dim]done: {message.meta['exit']} after {message.meta.get('steps')} step(s)[/dim]")
             else:
                 err.print(f"[yellow]kernel: {message.content}[/yellow]")
@@ -73,15 +77,15 @@ def _count(n: Any) -> str:
 
 def models_table(rows: Iterable[dict[str, Any]]) -> None:
     table = Table(title="GGUF models")
-    for col in ("origin", "name", "arch", "params", "quant", "context", "template", "path"):
-        table.add_column(col)
+    for col in ("origin", "name", "arch", "params", "quant", "context", "template", "path", "sha256"):
+        table.add_column(col, overflow="fold")
     for r in rows:
         if "error" in r:
-            table.add_row(r["origin"], "[red]unreadable[/red]", "", "", "", "", "", r["error"])
+            table.add_row(r["origin"], "[red]unreadable[/red]", "", "", "", "", "", r["error"], "")
             continue
         table.add_row(
             r["origin"], r["name"], r["architecture"], _count(r["parameters"]), r["quantization"],
-            str(r["context_length"] or "?"), "yes" if r["chat_template"] else "no", r["path"],
+            str(r["context_length"] or "?"), "yes" if r["chat_template"] else "no", r["path"], str(r["sha256"]),
         )
     out.print(table)
 

@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 from llmos.config import Settings
 from llmos.messages import Message, ToolCall
+from rich.markup import escape
+
 from llmos.render import MessagePrinter, err, out
 
 COMMANDS = {
@@ -33,7 +35,6 @@ COMMANDS = {
     "/reset": "forget the conversation",
     "/exit": "leave (Ctrl-D works too)",
 }
-RISKY = ("python", "browser")  # tools whose calls ask for approval in the shell
 
 
 class Shell:
@@ -52,7 +53,7 @@ class Shell:
         self._error: BaseException | None = None
         self._noted = False
         # shared with background agents (/run); publishes the table for `llmos ps` in another terminal
-        self.resources = Resources(Publisher("shell"))
+        self.resources = Resources(Publisher("shell"), home=settings.home)
         self.notices: "queue.Queue[str]" = queue.Queue()  # background agents' endings, shown at the next prompt
         self.background: dict[str, threading.Thread] = {}
         self._loader = threading.Thread(target=self._load, daemon=True)
@@ -101,11 +102,14 @@ class Shell:
         return self.kernel is not None
 
     # -- approvals ----------------------------------------------------------------------------
-    def approve(self, call: ToolCall) -> bool:
-        if call.name not in RISKY or call.name in self.always:
+    def approve(self, call: ToolCall, why: str) -> bool:
+        """The policy's question (llmos/policy.py): a call that untrusted content may be driving.
+        "always" lets this tool through for the rest of the session."""
+        if call.name in self.always:
             return True
         args = json.dumps(dict(call.arguments))[:400]
-        answer = self.ask(f"allow {call.name}({args})? [y]es / [n]o / [a]lways this session: ").strip().lower()
+        err.print(f"[yellow]policy: {escape(call.name)}({escape(args)})\n  why it asks: {escape(why)}[/yellow]")
+        answer = self.ask(f"allow this call? [y]es / [n]o / [a]lways {call.name} this session: ").strip().lower()
         if answer.startswith("a"):
             self.always.add(call.name)
             return True

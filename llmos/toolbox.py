@@ -51,6 +51,11 @@ class Tool:
     says: str | Callable[[Mapping[str, Any], str], str] | None = None
     reads: Callable[[str], Mapping[str, Any] | None] | None = field(default=None, repr=False)  # arguments read from a request without the model
     constraint: Mapping[str, Any] | None = field(default=None, repr=False)  # a tighter schema for one turn's grammar (decide.py)
+    # What a call can do (llmos/policy.py EFFECTS): () read-only, a tuple of effects, or a function of
+    # the arguments that returns one; None (undeclared) counts as side effects. `origin` reads where
+    # a result came from out of its text (the browser: "web:host:port"); default "tool:<name>".
+    effects: tuple[str, ...] | Callable[[Mapping[str, Any]], tuple[str, ...]] | None = field(default=None, repr=False)
+    origin: Callable[[str], str | None] | None = field(default=None, repr=False)
 
     def schema(self) -> dict[str, Any]:
         """The OpenAI-format tool dict."""
@@ -132,9 +137,12 @@ def make_tool(
     check: Callable[[Mapping[str, Any]], Any] | None = None,
     says: str | Callable[[Mapping[str, Any], str], str] | None = None,
     reads: Callable[[str], Mapping[str, Any] | None] | None = None,
+    effects: Any = None,
+    origin: Callable[[str], str | None] | None = None,
 ) -> Tool:
     """Build a Tool from a typed function: each parameter needs a type hint (Annotated Field ok).
-    examples, patterns, check, says and reads tell the kernel when and how to use it (see Tool)."""
+    examples, patterns, check, says and reads tell the kernel when and how to use it; effects
+    what it does beyond reading (see Tool and llmos.policy.EFFECTS)."""
     name = _check_name(name or fn.__name__)
     doc_description, doc_params = _doc_parts(fn.__doc__ or "")
     fields: dict[str, Any] = {}
@@ -169,7 +177,25 @@ def make_tool(
         check=check,
         says=says,
         reads=reads,
+        effects=declared_effects(effects, name),
+        origin=origin,
     )
+
+
+def declared_effects(effects: Any, name: str) -> Any:
+    """A tool's effects as Tool keeps them: None (undeclared), a tuple of known effect names, or a
+    function; "read-only" (or "none", [], ()) means no effects. Unknown names raise ToolError."""
+    from llmos.policy import EFFECTS
+
+    if effects is None or callable(effects):
+        return effects
+    if isinstance(effects, str):
+        effects = () if effects.replace("_", "-").lower() in ("read-only", "readonly", "none") else (effects,)
+    effects = tuple(str(e) for e in effects)
+    unknown = [e for e in effects if e not in EFFECTS]
+    if unknown:
+        raise ToolError(f"tool {name!r}: unknown effect {unknown[0]!r}; use 'read-only' or some of: {', '.join(EFFECTS)}")
+    return effects
 
 
 def tool(
@@ -185,13 +211,16 @@ def tool(
     check: Callable[[Mapping[str, Any]], Any] | None = None,
     says: str | Callable[[Mapping[str, Any], str], str] | None = None,
     reads: Callable[[str], Mapping[str, Any] | None] | None = None,
+    effects: Any = None,
 ) -> Any:
-    """Decorator: `@tool` or `@tool(name=..., timeout=..., examples=[...])` turns a typed function
-    into a Tool. examples: requests that need it (the kernel routes by them); see Tool for the rest."""
+    """Decorator: `@tool` or `@tool(name=..., timeout=..., examples=[...], effects="read-only")` turns
+    a typed function into a Tool. examples: requests that need it (the kernel routes by them);
+    effects: "read-only", or some of llmos.policy.EFFECTS (undeclared: side effects); untrusted:
+    its results come from outside. See Tool for the rest."""
 
     def wrap(f: Callable[..., Any]) -> Tool:
         return make_tool(f, name=name, description=description, timeout=timeout, untrusted=untrusted, touches=touches,
-                         examples=examples, patterns=patterns, check=check, says=says, reads=reads)
+                         examples=examples, patterns=patterns, check=check, says=says, reads=reads, effects=effects)
 
     return wrap(fn) if fn is not None else wrap
 
@@ -210,6 +239,10 @@ def from_openai(spec: Mapping[str, Any], fn: Callable[..., Any] | None = None) -
         parameters=parameters,
         fn=fn,
         examples=tuple(str(e) for e in fn_spec.get("examples") or ()),  # optional, not part of OpenAI's format
+        # also optional, beside OpenAI's format: what the tool does (undeclared: side effects), and
+        # whether its results come from outside
+        effects=declared_effects(fn_spec.get("effects"), fn_spec["name"]),
+        untrusted=bool(fn_spec.get("untrusted", False)),
     )
 
 
@@ -263,7 +296,7 @@ class Toolbox:
 
     def call(self, call: ToolCall) -> Message:
         """Run one call; this is the one place a failing tool becomes a `tool` message."""
-        meta: dict[str, Any] = {"tool_call_id": call.id, "name": call.name}
+        meta: dict[str, Any] = {"tool_call_id": call.id, "name": call.name, "source": f"tool:{call.name}"}
         t = self._tools.get(call.name)
         if t is None:
             return Message("tool", f"error: no tool named {call.name!r}", meta={**meta, "error": True})
@@ -286,18 +319,19 @@ class Toolbox:
             meta["untrusted"] = True
         if "error" in box:
             return Message("tool", f"error: {box['error']}", meta={**meta, "error": True})
-        return Message("tool", box.get("content", ""), meta=meta)
+        content = box.get("content", "")
+        if t.origin is not None:
+            meta["source"] = t.origin(content) or meta["source"]
+        return Message("tool", content, meta=meta)
 
-    def call_all(self, calls: Iterable[ToolCall], approve: Callable[[ToolCall], bool] | None = None) -> list[Message]:
+    def call_all(self, calls: Iterable[ToolCall], refused: Mapping[str, str] | None = None) -> list[Message]:
         """Run calls concurrently (each on its own thread); results come back in call order. A call
-        that `approve` refuses is not run: its result says so."""
+        whose id is in `refused` is not run: its result is the reason given there."""
         calls = list(calls)
-        if approve is not None:
-            allowed = [c for c in calls if approve(c)]
-            done = dict(zip((c.id for c in allowed), self.call_all(allowed)))
-            return [done.get(c.id) or Message("tool", f"error: the user did not allow this call to {c.name!r}",
-                                              meta={"tool_call_id": c.id, "name": c.name, "error": True, "refused": True})
-                    for c in calls]
+        if refused:
+            done = dict(zip((c.id for c in calls if c.id not in refused), self.call_all([c for c in calls if c.id not in refused])))
+            return [done.get(c.id) or Message("tool", f"error: {refused[c.id]}", meta={
+                "tool_call_id": c.id, "name": c.name, "source": "kernel", "error": True, "refused": True}) for c in calls]
         if len(calls) <= 1:
             return [self.call(c) for c in calls]
         results: list[Message | None] = [None] * len(calls)

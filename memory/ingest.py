@@ -143,7 +143,8 @@ def ingest(
         else:
             pieces = chunk(text)
             if pieces:
-                added, dups = store.add(pieces, collection=collection, source=str(path), kind="document")
+                added, dups = store.add(pieces, collection=collection, source=str(path), kind="document",
+                                        metas=[{"provenance": f"document:{path}", "untrusted": True}] * len(pieces))
                 report.chunks += len(added)
                 report.duplicates += dups
                 report.files += 1

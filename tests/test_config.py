@@ -90,6 +90,8 @@ CASES = {
     "agent.name": ("zed", {}, lambda k, r, *a: k.name),
     "agent.priority": (9, {}, lambda k, r, *a: k.process.priority),
     "agent.system": ("be terse", {}, lambda k, r, *a: _seen(k, r).messages[0].content),
+    "policy.tools": ({"python": "deny"}, {}, lambda k, r, *a: k.policy.rules),
+    "policy.unattended": ("allow", {}, lambda k, r, *a: k.policy.unattended),
 }
 
 

@@ -188,16 +188,19 @@ def test_message_round_trip():
 def test_refused_call_reaches_the_model_and_others_run(tmp_path):
     asked = []
 
-    def approve(c):
-        asked.append(c.name)
+    def approve(c, why):
+        asked.append((c.name, why))
         return c.arguments.get("a") != 666
 
     backend = ScriptedBackend([[call("add", a=666, b=1), call("add", a=1, b=1)], "ok"])
-    kernel = Kernel(backend, tools=[add], trace=tmp_path, approve=approve)
-    tools = [m for m in run(kernel, "x") if m.role == "tool"]
-    assert asked == ["add", "add"]
+    kernel = Kernel(backend, tools=[add], trace=tmp_path, approve=approve, config={"policy": {"add": "ask"}})
+    msgs = run(kernel, "x")
+    tools = [m for m in msgs if m.role == "tool"]
+    assert [name for name, _ in asked] == ["add", "add"] and "asks before each call" in asked[0][1]
     assert tools[0].meta.get("refused") and "did not allow" in tools[0].content
     assert tools[1].content == "2"
+    decisions = [m.meta for m in msgs if m.meta.get("event") == "policy"]
+    assert [(d["decision"], d["rule"], d["asked"]) for d in decisions] == [("deny", "config", "user"), ("allow", "config", "user")]
 
 
 def test_time_budget_ends_the_run(tmp_path):

@@ -114,7 +114,7 @@ def test_ctrl_c_stops_generation_but_not_the_shell(long_shell):
     shell.expect(pexpect.EOF)
 
 
-def test_risky_calls_ask_for_approval_with_always(llmos_home):
+def test_policy_questions_are_asked_with_why_and_always(llmos_home, capsys):
     from llmos.config import load_settings
     from llmos.messages import ToolCall
     from llmos.repl import Shell
@@ -124,10 +124,10 @@ def test_risky_calls_ask_for_approval_with_always(llmos_home):
     answers = iter(["n", "a"])
     shell.ask = lambda text: asked.append(text) or next(answers)
     try:
-        assert shell.approve(ToolCall("calculator", {"expression": "1+1"}))  # not risky: no question
-        assert not shell.approve(ToolCall("python", {"code": "1"}))
-        assert shell.approve(ToolCall("python", {"code": "2"}))  # "always"
-        assert shell.approve(ToolCall("python", {"code": "3"}))  # no question any more
+        assert not shell.approve(ToolCall("python", {"code": "1"}), "the code copies lines from untrusted content")
+        assert "why it asks: the code copies lines" in capsys.readouterr().err
+        assert shell.approve(ToolCall("python", {"code": "2"}), "x")  # "always"
+        assert shell.approve(ToolCall("python", {"code": "3"}), "x")  # no question any more
         assert len(asked) == 2 and "python" in asked[0]
     finally:
         shell.ready()

@@ -89,6 +89,9 @@ def test_recall_attaches_retrieved_pages_to_the_user_turn(tmp_path):
     chat(kernel, "what does E-4521 mean")
     sent = backend.seen[0].messages[-1]
     assert sent.role == "user" and "<retrieved_pages>" in sent.content and "manual.md" in sent.content
-    assert sent.meta["untrusted"] is True and sent.meta["retrieved"] == 1
+    # the user's own words stay apart from the retrieved pages, which make the window untrusted
+    assert sent.meta["user_text"] == "what does E-4521 mean" and sent.meta["retrieved"] == 1
+    assert sent.meta["retrieved_from"] == ["manual.md"] and not sent.meta.get("untrusted")
+    assert kernel.memory.taint() == ["memory"]
     chat(kernel, "zzz unrelated")
     assert "<retrieved_pages>" not in backend.seen[1].messages[-1].content

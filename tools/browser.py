@@ -857,6 +857,28 @@ def read(request: str) -> dict[str, str] | None:
     return {"action": "open", "url": url}
 
 
+def effects(arguments: Any) -> tuple[str, ...]:
+    """What a browser action can do: opening a page carries data out in its URL; typing into a
+    form, submitting it or clicking (which may submit it) sends data to the site; reading does not."""
+    action = arguments.get("action")
+    if action in ("open", "follow"):
+        return ("navigates",)
+    if action in ("fill", "submit", "click"):
+        return ("sends",)
+    return ()
+
+
+_BEGIN_RE = re.compile(re.escape(BEGIN).replace(re.escape("{url}"), r"(\S+)"))
+
+
+def page_origin(result: str) -> str | None:
+    """web:<host:port> of the page a result was read from (its last PAGE CONTENT line), else None."""
+    from llmos.policy import origin
+
+    found = _BEGIN_RE.findall(result)
+    return f"web:{origin(found[-1])}" if found and origin(found[-1]) else None
+
+
 class Browser:
     """The browser tool's state: settings, the current session, and the watchdog around every call."""
 
@@ -875,7 +897,7 @@ class Browser:
             self.browser, name="browser", untrusted=True,
             timeout=o.launch_timeout + o.call_limit + o.nav_timeout + GRACE + 5,
             touches=f"web pages on the allow-listed domains: {allowed}; writes screenshots to {self.shots}",
-            close=self.close, examples=EXAMPLES, patterns=PATTERNS, reads=read,
+            close=self.close, examples=EXAMPLES, patterns=PATTERNS, reads=read, effects=effects, origin=page_origin,
         )
 
     def browser(

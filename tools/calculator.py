@@ -451,7 +451,7 @@ PATTERNS = (
 )
 
 
-@tool(timeout=TIME_LIMIT + 5, touches="nothing (pure computation in a child process)",
+@tool(timeout=TIME_LIMIT + 5, touches="nothing (pure computation in a child process)", effects="read-only",
       examples=EXAMPLES, patterns=PATTERNS, check=_computes, says="{expression} = {result}", reads=read)
 def calculator(
     expression: Annotated[str, Field(description="Math in Python/SymPy syntax, e.g. '12345*6789', '2**100', 'integrate(x**2, x)', 'solve(x**2 - 4, x)', 'N(pi, 50)'")],

@@ -133,6 +133,7 @@ def make(ctx) -> Tool:
         return f"saved {what} to {path}"
 
     return make_tool(plot, timeout=60.0, touches=f"writes PNG files into {folder}", examples=EXAMPLES, patterns=PATTERNS,
+                     effects="read-only",  # it writes only new files in its own artifacts folder
                      says="The chart is ready ({result}).")
 
 

@@ -62,6 +62,7 @@ SANDBOX_WORKSPACE = "/workspace"
 SANDBOX_UID = 1000  # uid seen inside; maps to the caller's own uid outside, so workspace files stay the caller's
 MAX_CODE = 200_000  # characters per cell
 MAX_REPLY = 1 << 20  # bytes of one JSON reply line; the server caps its texts far below this
+FLOOD = 10  # a cell whose output passes this many times the cap is stopped, not drained
 MAX_TRACKED_FILES = 10_000  # workspace entries compared per call
 CODE_HELP = "Python 3 source; the last expression's value is shown, e.g. 'import math\\nmath.sqrt(2)'"
 SANDBOXED_TOUCHES = "its workspace folder only (bubblewrap: no network, read-only system)"
@@ -80,6 +81,7 @@ def main():
     cfg = json.loads(sys.argv[1])
     sys.path.extend(cfg.get("path", []))  # read-only packages (numpy, matplotlib) of the llmos install
     cap = cfg["output_bytes"]
+    FLOOD = cfg["flood"]
     me = os.getpid()
     if cfg.get("pdeathsig"):  # unsandboxed: no bwrap to kill us when the parent dies
         import ctypes
@@ -114,8 +116,12 @@ def main():
     def on_xcpu(signum, frame):
         raise CPUTimeLimitExceeded(f"CPU time limit of {cfg['cpu']} s per call exceeded")
 
+    class OutputFlood(BaseException):
+        """Raised into a cell whose output runs far past the cap: it is stopped, not drained."""
+
     class Capped(io.RawIOBase):
-        """fd 1 or 2 with a per-call budget: past it, writes are counted and dropped, not sent."""
+        """fd 1 or 2 with a per-call budget: past it, writes are counted and dropped, not sent; past
+        FLOOD times it, the cell is stopped (OutputFlood, which `except Exception` does not catch)."""
         def __init__(self, fd):
             self.fd, self.budget, self.dropped = fd, cap, 0
         def writable(self):
@@ -130,6 +136,10 @@ def main():
                 view = view[os.write(self.fd, view):]
             self.budget -= keep
             self.dropped += n - keep
+            if self.dropped > (FLOOD - 1) * cap:
+                self.budget = 0  # the count stays over the line: every later write raises too
+                raise OutputFlood(f"the cell printed more than {FLOOD} times the {cap}-byte output cap "
+                                  "and was stopped; print less (a summary, or the first lines)")
             return n
 
     def stream(raw):
@@ -564,7 +574,7 @@ class PythonSession:
         self.process_limit = "cgroup" if cgroup else ("rlimit" if os.geteuid() != 0 else None)
         cpu = opts.cpu or int(opts.timeout) + 1
         reply_r, reply_w = os.pipe()
-        config = {"reply_fd": reply_w, "output_bytes": opts.output_bytes, "memory": opts.memory_mb << 20,
+        config = {"reply_fd": reply_w, "output_bytes": opts.output_bytes, "flood": FLOOD, "memory": opts.memory_mb << 20,
                   "file": opts.file_mb << 20, "nproc": nproc, "cpu": cpu, "cpu_total": max(3600, cpu * 10),
                   "sandboxed": self.sandboxed, "pdeathsig": not self.sandboxed, "parent": os.getpid()}
         cmd, env, cwd = self._command(config)
@@ -599,7 +609,8 @@ class PythonSession:
     # -- one call ----------------------------------------------------------------------------------
 
     def _exchange(self, request: bytes, deadline: float) -> tuple[dict[str, Any] | str, _Capture, _Capture]:
-        """Send a request and read the cell's output and the reply: a dict, or "timeout", "exited" or "garbled"."""
+        """Send a request and read the cell's output and the reply: a dict, or "timeout", "exited",
+        "flood" (output far past the cap) or "garbled"."""
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         cap = self.options.output_bytes
@@ -645,6 +656,8 @@ class PythonSession:
                         return "garbled", out, err
                 else:
                     streams[fd].add(chunk)
+                    if out.total + err.total > FLOOD * cap:  # e.g. a child process writing to fd 1 itself
+                        return "flood", out, err
         self._drain(streams)  # output written before the reply is already in the pipes
         try:
             parsed = json.loads(reply.split(b"\n", 1)[0])
@@ -703,6 +716,9 @@ class PythonSession:
             if reply == "timeout":
                 result.timed_out = True
                 notes.append(f"timed out after {timeout:g} s; the session was restarted (variables were lost)")
+            elif reply == "flood":
+                notes.append(f"the output passed {FLOOD} times the {self.options.output_bytes}-byte cap; the cell was "
+                             "stopped and the session restarted (variables were lost)")
             elif reply == "garbled":
                 notes.append("the python process sent an unreadable reply; "
                              "the session was restarted (variables were lost)")
@@ -760,7 +776,9 @@ def make(ctx: ToolContext) -> Tool:
     # The Toolbox's own limit is a backstop: the session reports its timeout first, with the output so far.
     return make_tool(session.python, name="python", description=describe(options, sandboxed),
                      timeout=options.timeout + options.startup_timeout + 10, touches=touches, close=session.close,
-                     examples=EXAMPLES, patterns=PATTERNS, check=_has_code, says=_says, reads=read)
+                     examples=EXAMPLES, patterns=PATTERNS, check=_has_code, says=_says, reads=read,
+                     # it runs code; what it prints can hold the text of the files it may read
+                     effects=("executes",), untrusted=bool(ctx.file_roots))
 
 
 EXAMPLES = (
