@@ -37,16 +37,19 @@ UNDECLARED = ("writes", "sends", "spends", "deletes")  # what a tool that says n
 
 # Words by which a request asks for an effect (the tool's own name words count too).
 _VERBS = {
-    "writes": r"write|save|creat|updat|edit|chang|set|add|renam|mov|append|modif|upload|put|stor|record|book|schedul|make",
-    "sends": r"send|sent|submit|fill|repl(?:y|ies)|forward|shar|notif|sign ?up|log ?in|regist|enter|type|tweet|invit|"
-             r"contact|publish|e-?mail (?:it|this|that|them|him|her|to|me|us|the)|post (?:it|this|that|to|on|a)|messag(?:e|ing) (?:him|her|them|to)",
-    "spends": r"pay|transfer|send|buy|purchas|order|donat|wire|spend|tip|book|subscrib|refund",
+    "writes": r"write|save|creat|updat|edit|chang|renam|mov|append|modif|upload|overwrit|book|schedul|replac|reset",
+    "sends": r"send|sent|submit|fill|repl(?:y|ies)|forward|shar|notif|sign ?up|log ?in|regist|tweet|invit|contact|publish|"
+             r"e-?mail (?:it|this|that|them|him|her|to|me|us|the|[\w.+-]+@)|post (?:it|this|that|to|on|a)|messag(?:e|ing) (?:him|her|them|to)",
+    "spends": r"pay|transfer|send|buy|purchas|order|donat|wire|spend|tip|subscrib|refund",
     "deletes": r"delet|remov|eras|clear|wip|drop|cancel|unsubscrib|purg|destroy|trash|forget",
-    "executes": r"run|execut|code|python|script|program|comput|calculat|evaluat|test|simulat|plot|sort|pars",
+    "executes": r"run|execut|comput|calculat|simulat",
     "persists": r"remember|save|note|stor|memori|keep",
     "instructs": r"remember|always|keep in mind|from now on|never|core memory|note",
     "navigates": r"follow|click|navigat|brows|visit|go to|links?\b|explor|crawl",
 }
+# words a model uses to phrase a fact about the user, which need not be the user's own
+_FILLER = {"user", "user's", "they", "their", "them", "that", "this", "likes", "prefers", "wants", "name", "named", "called",
+           "lives", "always", "never", "should", "must", "remember", "keep", "mind", "fact", "note", "being", "have", "does"}
 _STOP = {"the", "and", "for", "with", "from", "tool", "get", "set", "api", "call", "data", "info", "new", "all", "my"}
 
 _URL = re.compile(r"\b(?:https?|ftp|file|wss?)://[^\s\"'<>()\[\]{}]+", re.I)
@@ -117,11 +120,18 @@ def _compact(text: str) -> str:
 
 
 class _Text:
-    """A haystack for value lookups: lower-cased, and with spaces and dashes removed (IBANs, cards)."""
+    """A haystack for value lookups: lower-cased, with spaces and dashes removed (IBANs, cards), and its words."""
 
     def __init__(self, text: str) -> None:
         self.lower = text.lower()
         self.compact = _compact(text)
+        self._words: set[str] | None = None
+
+    @property
+    def words(self) -> set[str]:
+        if self._words is None:
+            self._words = {w.rstrip("s") for w in _WORD.findall(self.lower)} | set(_WORD.findall(self.lower))
+        return self._words
 
     def has(self, value: str) -> bool:
         v = value.lower().strip().rstrip(".,;:!?/")
@@ -198,7 +208,9 @@ def _forged(call: ToolCall, untrusted: Sequence[tuple[str, str]]) -> str | None:
 
 
 def _requested(tool: Any, effects: Iterable[str], request: str, routed: str | None) -> bool:
-    """Whether the user's latest words ask for this tool or for what it does."""
+    """Whether the user's latest words ask for this tool or for what it does: the router chose it,
+    the request names the verb its name starts with (send_email: "send"), or a verb of one of its
+    effects (an undeclared tool: of any side effect)."""
     if routed == tool.name:
         return True
     text = request.lower()
@@ -207,6 +219,22 @@ def _requested(tool: Any, effects: Iterable[str], request: str, routed: str | No
         return True
     verbs = "|".join(_VERBS[e] for e in effects if e in _VERBS)
     return bool(verbs) and re.search(rf"\b(?:{verbs})", text) is not None
+
+
+def _decoded(text: str) -> str:
+    """Text hidden in base64 runs of `text`, decoded where it is readable (attackers encode their goal)."""
+    import base64
+    import binascii
+
+    out = []
+    for blob in re.findall(r"[A-Za-z0-9+/]{16,}={0,2}", text):
+        try:
+            plain = base64.b64decode(blob + "=" * (-len(blob) % 4), validate=False).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            continue
+        if plain and sum(c.isprintable() or c.isspace() for c in plain) >= 0.9 * len(plain):
+            out.append(plain)
+    return "\n".join(out)
 
 
 class Policy:
@@ -240,13 +268,13 @@ class Policy:
         if effects == ("persists",):
             return Verdict("allow", "tagged_write", "stored, marked untrusted with where the window's content came from")
         trusted = _Text(window.trusted)
-        outside = _Text("\n".join(text for _, text in window.untrusted))
+        raw = "\n".join(text for _, text in window.untrusted)
+        outside = _Text(raw + "\n" + _decoded(raw))
         values = [s for s in _strings(dict(call.arguments))]
         if "instructs" in effects:
-            text = " ".join(values)
-            strange = [w for w in _WORD.findall(text.lower()) if w not in _STOP and not trusted.has(w)]
-            if strange:
-                return Verdict("ask", "ungrounded_core", f"core memory would take words you did not write ({', '.join(strange[:5])}); "
+            unknown = self._ungrounded(values, trusted, tool)
+            if unknown:
+                return Verdict("ask", "ungrounded_core", f"core memory would take words you did not write ({unknown}); "
                                                          "untrusted content is in the window")
         navigating = set(effects) == {"navigates"}
         if navigating:
@@ -286,6 +314,19 @@ class Policy:
         if not urls and not (self.rules.get(call.name) == "allow" or _requested(tool, ("navigates",), window.request, routed)):
             return Verdict("ask", "not_requested", "your request does not ask to follow links, and untrusted content is in the window")
         return Verdict("allow", "user_values", "a page you named, or a link you asked to follow")
+
+    @staticmethod
+    def _ungrounded(values: list[str], trusted: "_Text", tool: Any) -> str:
+        """For core memory: the places, or the many words, of the text that are not in the user's
+        words ("" when it is grounded: a third of its words may be the model's own phrasing)."""
+        enums = _enum_values(getattr(tool, "parameters", {}))
+        text = " ".join(v for v in values if v not in enums)
+        bad_places = [p for p in places(text) if not trusted.has(p)]
+        if bad_places:
+            return ", ".join(bad_places[:3])
+        words = [w for w in _WORD.findall(text.lower()) if w not in _STOP and w not in _FILLER]
+        strange = [w for w in words if w not in trusted.words and w.rstrip("s") not in trusted.words]
+        return ", ".join(strange[:5]) if words and len(strange) * 3 > len(words) else ""
 
     @staticmethod
     def _foreign(values: list[str], trusted: _Text, outside: _Text, tool: Any) -> str | None:
