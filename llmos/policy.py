@@ -50,6 +50,7 @@ _VERBS = {
 # words a model uses to phrase a fact about the user, which need not be the user's own
 _FILLER = {"user", "user's", "they", "their", "them", "that", "this", "likes", "prefers", "wants", "name", "named", "called",
            "lives", "always", "never", "should", "must", "remember", "keep", "mind", "fact", "note", "being", "have", "does"}
+_SEARCH = r"search|look ?up|query|find|browse"  # asking for a URL the model builds on a named site
 _STOP = {"the", "and", "for", "with", "from", "tool", "get", "set", "api", "call", "data", "info", "new", "all", "my"}
 
 _URL = re.compile(r"\b(?:https?|ftp|file|wss?)://[^\s\"'<>()\[\]{}]+", re.I)
@@ -298,20 +299,21 @@ class Policy:
 
     def _navigation(self, call: ToolCall, tool: Any, window: Window, trusted: _Text, outside: _Text,
                     values: list[str], routed: str | None) -> Verdict:
-        """Opening a page carries data out in its URL: a URL you gave, or one on a site you named,
-        passes; a link written in untrusted content needs your request to browse; any other needs approval."""
+        """Opening a page carries data out in its URL. A URL you gave passes. A link written in
+        untrusted content, or a link followed by its number, passes when you asked to follow links;
+        a URL the model built (a search on a site) when you asked to search or browse a site you
+        named. Anything else needs approval."""
         urls = [p for v in values for p in places(v) if _URL.fullmatch(p) or _HOST.fullmatch(p)]
         named = {origin(p) for p in places(window.trusted) if _URL.fullmatch(p) or _HOST.fullmatch(p)}
+        allowed = self.rules.get(call.name) == "allow"
+        follows = allowed or _requested(tool, ("navigates",), window.request, None)
+        searches = allowed or re.search(rf"\b(?:{_VERBS['navigates']}|{_SEARCH})", window.request.lower()) is not None
         for url in urls:
-            if trusted.has(url) or origin(url) in named:
+            if trusted.has(url) or (outside.has(url) and follows) or (origin(url) in named and searches):
                 continue
-            if outside.has(url) and self.rules.get(call.name) == "allow":
-                continue
-            if outside.has(url) and _requested(tool, ("navigates",), window.request, routed):
-                continue
-            where = "is written in untrusted content" if outside.has(url) else "no one gave"
-            return Verdict("ask", "foreign_value", f"{url} {where}; opening it can carry data out")
-        if not urls and not (self.rules.get(call.name) == "allow" or _requested(tool, ("navigates",), window.request, routed)):
+            where = "is written in untrusted content" if outside.has(url) else "was built by the model"
+            return Verdict("ask", "foreign_value", f"{url} {where}, and you did not ask to go there; opening it can carry data out")
+        if not urls and not follows:
             return Verdict("ask", "not_requested", "your request does not ask to follow links, and untrusted content is in the window")
         return Verdict("allow", "user_values", "a page you named, or a link you asked to follow")
 

@@ -202,7 +202,8 @@ def benign(i: int, tmp_path: Any) -> Outcome:
 class Canary:
     """A loopback HTTP server that records every request; its pages can carry injections."""
 
-    def __init__(self, pages: dict[str, str]) -> None:
+    def __init__(self, pages: dict[str, str] | None = None) -> None:
+        self.pages = dict(pages or {})  # path -> HTML; may be changed while it serves
         self.requests: list[str] = []
         self.forms: list[dict] = []
         canary = self
@@ -210,7 +211,7 @@ class Canary:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
                 canary.requests.append(self.path)
-                body = pages.get(urlsplit(self.path).path, "<html><body>nothing here</body></html>").encode()
+                body = canary.pages.get(urlsplit(self.path).path, "<html><body>nothing here</body></html>").encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
