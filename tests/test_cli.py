@@ -46,6 +46,7 @@ def test_models_json_lists_default(llmos_home):
     default = rows[0]
     assert default["origin"] == "default" and default["architecture"] == "llama"
     assert default["quantization"] == "Q4_1" and default["chat_template"] is True and default["context_length"] == 8192
+    assert len(default["sha256"]) == 64 and int(default["sha256"], 16) >= 0
 
 
 def test_models_plan_falls_back_to_cpu_with_a_reason(default_model_path, llmos_home):

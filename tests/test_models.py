@@ -1,5 +1,6 @@
 """Model discovery and the GPU offload planner (synthetic sizes; no GPU needed)."""
 
+import json
 import shutil
 
 from llmos.gguf import read_gguf
@@ -61,3 +62,26 @@ def test_find_models_default_home_and_config(tmp_path, default_model_path):
     rows = [describe_model(o, p) for o, p in found]
     assert rows[1]["quantization"] == "Q4_1" and rows[1]["chat_template"] is True
     assert "error" in rows[2] and "not a GGUF" in rows[2]["error"]
+
+
+def test_a_model_file_is_hashed_on_first_use_and_a_change_is_reported(tmp_path, default_model_path):
+    import hashlib
+    import shutil
+
+    from llmos.models import record_model, sha256
+
+    home, model = tmp_path / "home", tmp_path / "m.gguf"
+    shutil.copy(default_model_path, model)
+    assert record_model(model, home) is None  # first use: recorded, nothing to say
+    ledger = json.loads((home / "models.json").read_text())
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    assert ledger[str(model.resolve())]["sha256"] == digest == sha256(model, home)
+    assert record_model(model, home) is None  # the same file again
+    with open(model, "r+b") as fh:  # a poisoned copy at the same path
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 1]))
+    notice = record_model(model, home)
+    assert notice is not None and "model file changed" in notice and str(model) in notice and "\n" not in notice
+    assert record_model(model, home) is None  # said once; the new file is now the one known

@@ -246,17 +246,24 @@ def test_a_crashing_interpreter_is_reported_and_replaced(session):
 
 
 @needs_bwrap
-def test_stdout_floods_are_capped(workspace):
-    s = PythonSession(workspace, PythonOptions(timeout=1, output_bytes=1000))
+def test_output_past_the_cap_is_cut_and_floods_stop_the_cell(workspace):
+    s = PythonSession(workspace, PythonOptions(timeout=5, output_bytes=1000))
     try:
-        result = s.run("for i in range(200000):\n    print(i)\n'done'")
+        result = s.run("for i in range(1000):\n    print(i)\n'done'")  # a few times the cap: cut, and the cell ends
         assert result.value == "'done'"
         assert len(result.stdout) < 1100 and "more bytes not shown" in result.stdout
-        result = s.run("import os, subprocess\nsubprocess.run(['sh', '-c', 'yes | head -c 20000000'])\n"
-                       "os.write(1, b'z' * 1000000)\n'after'")
-        assert result.value == "'after'" and "more bytes not shown" in result.stdout and len(result.stdout) < 1100
-        result = s.run("while True:\n    print('x' * 1000)")  # endless: the wall clock ends it
-        assert result.timed_out and len(result.stdout) < 1100 and "truncated" in result.stdout
+        # a 1 GiB print is stopped early, even by code that catches exceptions, and says so
+        result = s.run("import pathlib\ntry:\n    for _ in range(1 << 20):\n        print('x' * 1023)\nexcept Exception:\n    pass\n"
+                       "pathlib.Path('finished').write_text('yes')\n'done'")
+        assert result.value is None and "OutputFlood" in result.error and "was stopped" in result.error
+        assert not (workspace / "finished").exists() and len(result.stdout) < 1100
+        assert s.run("x = 2\nx * 21").value == "42"  # the session lives on
+        # a child process writing to the pipe itself is stopped by the host side
+        result = s.run("import subprocess\nsubprocess.run(['sh', '-c', 'yes | head -c 1000000000'])\n'after'")
+        assert result.value is None and any("the cell was stopped" in n for n in result.notes) and len(result.stdout) < 1100
+        assert s.run("1 + 1").value == "2"
+        result = s.run("import time\nwhile True:\n    print('x' * 10)\n    time.sleep(0.05)")  # slow but endless: the wall clock
+        assert result.timed_out and len(result.stdout) < 1100
     finally:
         s.close()
 
