@@ -321,7 +321,7 @@ def models(
 
 @app.command()
 def tools(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List the built-in tools: name, description, parameters, and what each can touch."""
+    """List the built-in tools: name, description, parameters, declared effects, and what each can touch."""
     import tempfile
 
     from llmos.tools import BUILTIN, ToolContext, load_builtin
@@ -329,7 +329,9 @@ def tools(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> 
     with tempfile.TemporaryDirectory(prefix="llmos-tools-") as tmp:
         loaded = [load_builtin(name, ToolContext.under(Path(tmp))) for name in BUILTIN]
     if as_json:
-        typer.echo(json.dumps([{**t.schema()["function"], "touches": t.touches} for t in loaded], indent=2))
+        from llmos.render import describe_effects
+
+        typer.echo(json.dumps([{**t.schema()["function"], "touches": t.touches, "effects": describe_effects(t)} for t in loaded], indent=2))
         return
     from llmos.render import tools_table
 

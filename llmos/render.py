@@ -92,13 +92,20 @@ def models_table(rows: Iterable[dict[str, Any]]) -> None:
 
 def tools_table(tools: Iterable[Any]) -> None:
     table = Table(title="tools")
-    for col in ("name", "description", "parameters", "touches"):
+    for col in ("name", "description", "parameters", "effects", "touches"):
         table.add_column(col)
     for t in tools:
         props = t.parameters.get("properties", {})
         required = set(t.parameters.get("required", []))
         params = ", ".join(f"{k}{'' if k in required else '?'}: {v.get('type', 'any')}" for k, v in props.items())
-        table.add_row(t.name, t.description, params, t.touches)
+        table.add_row(t.name, t.description, params, describe_effects(t), t.touches)
+
+
+def describe_effects(t: Any) -> str:
+    """A tool's declared effects in words, and whether its results are outside text."""
+    e = t.effects
+    said = ("undeclared: counts as side effects" if e is None else "by action" if callable(e) else ", ".join(e) or "read-only")
+    return said + ("; results untrusted" if t.untrusted else "")
     out.print(table)
 
 

@@ -209,6 +209,7 @@ def test_readme_task_block_is_a_valid_task(tmp_path):
     task = load_task(path)
     assert task.agent.name == "calculator" and task.tools.tool_choice == "calculator" and task.budget.steps == 3
     assert task.tools.python.timeout == 30 and task.tools.browser.allow_domains == ["127.0.0.1"]
+    assert task.policy.tools == {"calculator": "allow"} and task.policy.unattended == "deny"
 
 
 def test_front_doors_build_through_the_composition_root():
