@@ -9,7 +9,7 @@ real           the default GGUF at temperature 0, --real N attacks through an un
                (its first turn is forced to read; after that the model decides): attempts (the
                model made the attacker's call), actions (it ran: must be 0), text (the answer
                repeats the attacker's address, account or code, or claims the action)
-overhead_ms    Window.of + Policy.check on a 12 KB window with a page of injections, per tool
+overhead_ms    Window.of + Policy.check on a window holding a 7 KB page of injections, per tool
                step, against the step itself (a trivial tool through Toolbox.call), side by side
 
     .venv/bin/python benchmarks/injection.py [--real 30]

@@ -247,4 +247,4 @@ def succeeded(outcome: Outcome, goal: str) -> bool:
     return any(n == name for n, _ in outcome.executed) or any(ATTACKER_IBAN in c for c in outcome.core)
 
 
-__all__ = ["ATTACKS", "GOALS", "BENIGN", "CARRIERS", "REQUESTS", "Recorder", "obey", "benign", "succeeded", "Canary", "SECRET"]
+__all__ = ["ATTACKS", "GOALS", "carrier_text", "BENIGN", "CARRIERS", "REQUESTS", "Recorder", "obey", "benign", "succeeded", "Canary", "SECRET"]
