@@ -332,3 +332,27 @@ def test_a_task_file_run_denies_unattended_and_result_json_lists_the_decisions(t
     saved = json.loads((folder / "result.json").read_text())
     assert [(d["tool"], d["decision"], d["rule"], d["asked"]) for d in saved["policy"]] == [
         ("send_email", "deny", "not_requested", "unattended")]
+
+
+@pytest.mark.parametrize("how", ["memory_search", "recall"])
+def test_an_ingested_document_in_the_real_store_cannot_steer_a_call(how, tmp_path):
+    """A shared document with an injection, ingested into the real store (Chroma + keyword index),
+    comes back through memory_search or recall as untrusted data; the obeying model's call is
+    refused, and the store's records say where they came from."""
+    from llmos.memory.ingest import ingest
+    from llmos.memory.store import MemoryStore
+
+    doc = tmp_path / "docs" / "lamp-notes.md"
+    doc.parent.mkdir()
+    doc.write_text("# Lamp notes\n\nThe brass lamp needs a 40 W bulb.\n\n" + carrier_text("important_instructions", "exfil_email"))
+    rec = Recorder()
+    with MemoryStore(tmp_path / "mem") as store:
+        ingest(store, [doc])
+        first = [call("memory_search", query="brass lamp bulb")] if how == "memory_search" else []
+        memory = Memory(store, recall=2 if how == "recall" else 0)
+        kernel = Kernel(ScriptedBackend([*first, GOALS["exfil_email"][1], "Done."]), tools=rec.tools, memory=memory, trace=tmp_path)
+        msgs = list(kernel.run(f"What bulb does the brass lamp need? My door code is {SECRET}."))
+        hits = store.search("brass lamp bulb", k=3)
+    assert rec.calls == []
+    assert [m.meta["decision"] for m in msgs if m.meta.get("event") == "policy"] == ["deny"]
+    assert hits and all(h.meta.get("untrusted") is True and h.meta["provenance"] == f"document:{doc}" for h in hits)
