@@ -356,6 +356,50 @@ def ps(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> Non
         agents_table(t["agents"], title=f"process {t['pid']}: llmos {t['command']}")
 
 
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Anything but 127.0.0.1/localhost/::1 needs --api-key."),
+    port: int = typer.Option(8080, "--port", help="TCP port (0: any free one, printed at start)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on every request."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Path to a .gguf model (default: the bundled one)."),
+    override: List[str] = typer.Option([], "-o", help=OVERRIDE_HELP),
+) -> None:
+    """Serve the kernel behind an OpenAI-compatible API: /v1/models, /v1/chat/completions (streaming too), /v1/embeddings."""
+    import socket
+
+    from llmos.build import Resources
+    from llmos.serve import LOCAL_HOSTS, Service, app
+
+    if host not in LOCAL_HOSTS and not api_key:
+        raise fail(f"--host {host} is reachable from other machines: give --api-key KEY too (or bind 127.0.0.1)")
+    try:
+        settings = _settings(override, {"model": {"path": str(model) if model else None}})
+        resources = Resources(home=settings.home)
+        service = Service(settings, resources)
+    except _errors() as exc:
+        raise fail(str(exc)) from None
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)  # clients that connect before uvicorn is up wait in the backlog
+    except OSError as exc:
+        resources.close()
+        raise fail(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
+    bound = sock.getsockname()[1]
+    hosts = tuple(dict.fromkeys((*LOCAL_HOSTS, host.lower())))
+    for note in service.backend.notes:
+        typer.echo(note, err=True)
+    typer.echo(f"llmos serve: {service.model_id} on http://{host}:{bound}/v1" + (" (API key required)" if api_key else ""), err=True)
+    try:
+        uvicorn.Server(uvicorn.Config(app(service, api_key, hosts), log_level="warning")).run(sockets=[sock])
+    finally:
+        service.close()
+        resources.close()
+
+
 @app.command("eval")
 def eval_(
     suites: List[Path] = typer.Argument(..., help="Suites (JSONL, one case a line): BFCL-style or routing cases; see examples/evals/."),

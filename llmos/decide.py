@@ -53,6 +53,7 @@ NO_TOOL = (
 )
 PATTERN_BOOST = 0.25  # a tool's own pattern matched the request, or it reads the request
 NAME_BOOST = 0.2  # the request names the tool
+TOPIC_BOOST = 0.1  # a tool with no examples: the request has every significant word of its name ("weather")
 MARGIN = 0.04  # how far the best tool must beat "no tool"
 FLOOR = 0.3  # the least similarity a routed tool needs
 MAX_SPAN_WORDS = 12
@@ -89,6 +90,12 @@ def _named(name: str, request: str) -> float:
     if len(words) > 1 and all(re.search(rf"\b{re.escape(w)}", text) for w in words):
         return 1.0  # every significant word of a multi-word name: "search the memory" names memory_search
     return 1.0 if re.search(rf"\b(?:use|using|with|via|through|call|run|in|ask|try|write)\s+(?:the\s+|a\s+|my\s+|your\s+)?{re.escape(spaced)}\b", text) else 0.0
+
+
+def _topic(name: str, request: str) -> bool:
+    """The request has every significant word of the name ("weather in Paris" for get_weather)."""
+    words = [w for w in name.lower().replace("-", "_").split("_") if len(w) > 3 and w not in _STOP]
+    return bool(words) and all(re.search(rf"\b{re.escape(w)}", request.lower()) for w in words)
 
 
 def _reads(tool: Tool, request: str) -> bool:
@@ -136,7 +143,10 @@ class Router:
             score = float((self._matrix(_texts(t)) @ query).max())
             if any(re.search(p, request, re.I) for p in t.patterns) or _reads(t, request):
                 score += PATTERN_BOOST
-            out[t.name] = round(score + NAME_BOOST * _named(t.name, request), 4)
+            named = _named(t.name, request)
+            if not named and not t.examples and _topic(t.name, request):
+                score += TOPIC_BOOST
+            out[t.name] = round(score + NAME_BOOST * named, 4)
         out["none"] = round(out["none"], 4)
         return out
 

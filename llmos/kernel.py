@@ -207,17 +207,27 @@ class Kernel:
         except ContextFull:
             return ""
 
-    def _reply(self, messages: Sequence[Message], tools: list[Any], choice: str) -> Message:
-        with self.scheduler.turn(self.process):
-            for msg in self.backend.turn(messages, tools, choice, self.key, self.config.sampling):
-                if not msg.is_delta:
-                    return msg
+    def _reply(self, messages: Sequence[Message], tools: list[Any], choice: str, sampling: Any = None) -> Message:
+        for msg in self._stream(messages, tools, choice, sampling):
+            if not msg.is_delta:
+                return msg
         raise RuntimeError("backend ended a turn without a message")
 
+    def _stream(self, messages: Sequence[Message], tools: list[Any], choice: str, sampling: Any = None) -> Iterator[Message]:
+        with self.scheduler.turn(self.process):
+            yield from self.backend.turn(messages, tools, choice, self.key, sampling or self.config.sampling)
+
     def complete(self, messages: Sequence[Mapping[str, Any] | Message], tools: Iterable[Any] = (), *,
-                 tool_choice: str = "auto") -> Message:
+                 tool_choice: str = "auto", sampling: Any = None) -> Message:
         """The model's next message for OpenAI-style messages and tools; nothing is executed. It is
-        decided as in `run` (routed in auto mode, a chosen call checked); meta says how."""
+        decided as in `run` (routed in auto mode, a chosen call checked); meta says how.
+        sampling: a `Sampling` for this turn (default: the config's)."""
+        *_, reply = self.plan(messages, tools, tool_choice=tool_choice, sampling=sampling)
+        return reply
+
+    def plan(self, messages: Sequence[Mapping[str, Any] | Message], tools: Iterable[Any] = (), *,
+             tool_choice: str = "auto", sampling: Any = None) -> Iterator[Message]:
+        """`complete`, streamed: the turn's tokens as delta messages, then the complete message."""
         if isinstance(messages, (str, Mapping)):
             raise TypeError("messages must be a list of messages, e.g. [{'role': 'user', 'content': '...'}]")
         msgs, tools = [m if isinstance(m, Message) else Message.from_dict(m) for m in messages], [as_tool(t) for t in tools]
@@ -225,11 +235,15 @@ class Kernel:
         if tool_choice == "auto" and self.router is not None and tools:
             meta["route"] = (decision := self.router.decide(request, tools)).message().meta
             tool_choice = decision.tool or "none"
-        reply = self._reply(msgs, tools, tool_choice)
+        reply = None
+        for reply in self._stream(msgs, tools, tool_choice, sampling):
+            if reply.is_delta:
+                yield reply
+        assert reply is not None and not reply.is_delta, "backend ended a turn without a message"
         if reply.tool_calls:
-            reply, notice = second_pass(reply, tools, request, lambda ts, name: self._reply(msgs, ts, name))
+            reply, notice = second_pass(reply, tools, request, lambda ts, name: self._reply(msgs, ts, name, sampling))
             meta.update({"system2": notice.meta} if notice is not None else {})
-        return Message(reply.role, reply.content, reply.tool_calls, {**reply.meta, **meta})
+        yield Message(reply.role, reply.content, reply.tool_calls, {**reply.meta, **meta})
 
     def close(self) -> None:
         """Release this agent's tools and its cached state in the backend, and what build() made
