@@ -33,6 +33,10 @@ class Resources:
         self._router: Any = None
 
     def backend(self, model: ModelConfig) -> Any:
+        if model not in self.backends and model.server is not None:
+            from llmos.remote import RemoteBackend
+
+            self.backends[model] = RemoteBackend(model)
         if model not in self.backends:
             from llmos.llama import LlamaBackend
             from llmos.models import record_model

@@ -62,6 +62,8 @@ def _errors():
     from llmos.toolbox import ToolError
 
     errors: tuple = (ConfigError, ModelFileError, GrammarError, ToolError)
+    if "llmos.remote" in sys.modules:  # only when a model server was used
+        errors += (sys.modules["llmos.remote"].ServerError,)
     if "llmos.memory.store" in sys.modules:  # only when a store was opened (keeps chromadb out of start-up)
         errors += (sys.modules["llmos.memory.store"].StoreError,)
     return errors

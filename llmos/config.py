@@ -43,6 +43,17 @@ class ModelConfig(Section):
     # Saved KV states of agents that share the model stay in RAM up to this many MB; beyond it the
     # least recently used go to disk. None: a quarter of the memory available when the model loads.
     kv_ram_mb: Optional[int] = Field(None, ge=0)
+    # An OpenAI-compatible model server (llama.cpp's, llama-cpp-python's, vLLM) instead of a GGUF
+    # in this process, e.g. http://127.0.0.1:8000/v1; path, gpu_layers, threads then do not apply.
+    server: Optional[str] = None
+    server_timeout: float = Field(120.0, gt=0)  # seconds a request to the server may take
+
+    @pydantic.field_validator("server")
+    @classmethod
+    def _server_url(cls, url: Optional[str]) -> Optional[str]:
+        if url is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+            raise ValueError(f"{url!r} is not an http(s) URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+        return url
 
 
 class Sampling(Section):

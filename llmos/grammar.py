@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import unquote
 
 from llmos.messages import ToolCall
@@ -220,6 +220,25 @@ def _literal(text: str) -> str:
 
 def _rule_name(name: str) -> str:
     return "t-" + re.sub(r"[^A-Za-z0-9-]", "-", name)
+
+
+# With tools around, an answer must not open like a call or a tool response (small models echo them).
+ANSWER_ONLY = 'root ::= [^<\\x00 \\t\\r\\n] [^\\x00]*'
+
+
+def turn_grammar(tools: Sequence[Any], tool_choice: str, prefix: str = "") -> str | None:
+    """The GBNF of one turn (None: free text). tools: Tools (name, parameters, constraint);
+    tool_choice: auto | required | none | a tool name; prefix: an answer already begun."""
+    if not tools or (tool_choice == "none" and prefix):
+        return None
+    if tool_choice == "none":
+        return ANSWER_ONLY
+    if tool_choice not in ("auto", "required"):
+        chosen = [t for t in tools if t.name == tool_choice]
+        if not chosen:
+            raise GrammarError(f"tool_choice {tool_choice!r} is not one of the tools: {', '.join(t.name for t in tools)}")
+        return tool_call_grammar([(t.name, t.constraint or t.parameters) for t in chosen], "required")
+    return tool_call_grammar([(t.name, t.constraint or t.parameters) for t in tools], tool_choice)
 
 
 def tool_call_grammar(tools: Iterable[tuple[str, Mapping[str, Any]]], mode: str = "auto") -> str:

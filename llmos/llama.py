@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 from llmos.backend import ContextFull
 from llmos.config import ModelConfig, Sampling
 from llmos.gguf import GGUFInfo, ModelFileError, read_gguf
-from llmos.grammar import CALL_CLOSE, CALL_OPEN, GrammarError, forced_text, parse_calls, render_call, tool_call_grammar, tools_prompt
+from llmos.grammar import CALL_CLOSE, CALL_OPEN, GrammarError, forced_text, parse_calls, render_call, tools_prompt, turn_grammar
 from llmos.kvstate import KVStates
 from llmos.messages import Message
 from llmos.policy import as_data, control_pattern
@@ -92,8 +92,6 @@ def _must_close(text: str, tokens_left: int) -> bool:
     return len(call) > 4 * REPEAT_SPAN and call.count(tail) >= 3  # looping on the same text
 
 
-# With tools around, an answer must not open like a call or a tool response (small models echo them).
-ANSWER_ONLY = 'root ::= [^<\\x00 \\t\\r\\n] [^\\x00]*'
 
 
 def _repeated_sentence(text: str) -> int | None:
@@ -349,16 +347,7 @@ class LlamaBackend:
         return len(self._tokens_for(self.render(messages, tools)))
 
     def grammar_for(self, tools: Sequence[Tool], tool_choice: str, prefix: str = "") -> str | None:
-        if not tools or (tool_choice == "none" and prefix):
-            return None
-        if tool_choice == "none":
-            return ANSWER_ONLY
-        if tool_choice not in ("auto", "required"):
-            chosen = [t for t in tools if t.name == tool_choice]
-            if not chosen:
-                raise GrammarError(f"tool_choice {tool_choice!r} is not one of the tools: {', '.join(t.name for t in tools)}")
-            return tool_call_grammar([(t.name, t.constraint or t.parameters) for t in chosen], "required")
-        return tool_call_grammar([(t.name, t.constraint or t.parameters) for t in tools], tool_choice)
+        return turn_grammar(tools, tool_choice, prefix)
 
     def _prefill(self, tokens: list[int]) -> tuple[int, int]:
         """Evaluate the prompt, reusing the longest cached prefix; returns (cached, evaluated)."""

@@ -210,7 +210,8 @@ def test_real_model_answers_arithmetic_through_the_calculator(tmp_path):
 
 @pytest.mark.model
 def test_real_model_answers_never_open_like_a_call(llama_backend):
-    from llmos.llama import ANSWER_ONLY, compile_grammar
+    from llmos.grammar import ANSWER_ONLY
+    from llmos.llama import compile_grammar
 
     compile_grammar(llama_backend, ANSWER_ONLY)
     calc = load_builtin("calculator")
