@@ -341,8 +341,41 @@ def tools(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> 
 
 
 @app.command()
-def ps(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List the agents of running llmos shells and `llmos agent` runs (id, priority, state, budgets, use)."""
+def ps(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    server: Optional[str] = typer.Option(None, "--server", help="An `llmos serve` URL, e.g. http://127.0.0.1:8080: its agents instead of local ones."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="The server's API key, if it needs one."),
+    pause: Optional[str] = typer.Option(None, "--pause", help="Pause this agent of the server (id or name)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Resume this agent of the server."),
+    stop: Optional[str] = typer.Option(None, "--stop", help="Stop this agent of the server at its next safe point."),
+) -> None:
+    """List the agents of running llmos shells and `llmos agent` runs (id, priority, state, budgets, use), or of a server."""
+    from llmos.render import agents_table
+
+    if server is not None:
+        import httpx
+
+        base = server.rstrip("/").removesuffix("/v1") + "/v1/agents"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        action = next(((verb, key) for verb, key in (("pause", pause), ("resume", resume), ("stop", stop)) if key), None)
+        try:
+            r = httpx.post(f"{base}/{action[1]}/{action[0]}", headers=headers, timeout=10) if action else httpx.get(base, headers=headers, timeout=10)
+        except httpx.HTTPError as exc:
+            raise fail(f"{server}: cannot reach the server ({type(exc).__name__}); is `llmos serve` running there?") from None
+        if r.status_code >= 400:
+            try:
+                why = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                why = r.text[:200]
+            raise fail(f"{server}: {why}")
+        rows = [r.json()] if action else r.json()["data"]
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+        else:
+            agents_table(rows, title=f"server {server}")
+        return
+    if pause or resume or stop:
+        raise fail("--pause, --resume and --stop control a server's agents: give --server URL (the shell has /pause, /resume, /stop)")
     from llmos.scheduler import running_tables
 
     tables = running_tables()
@@ -352,8 +385,6 @@ def ps(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> Non
     if not tables:
         typer.echo("no llmos process is running")
         return
-    from llmos.render import agents_table
-
     for t in tables:
         agents_table(t["agents"], title=f"process {t['pid']}: llmos {t['command']}")
 

@@ -1,7 +1,10 @@
 """`llmos serve`: the kernel behind an OpenAI-compatible HTTP API (FastAPI on uvicorn).
 
 Routes: GET /v1/models, POST /v1/chat/completions (a JSON reply, or server-sent events with
-`stream: true`), POST /v1/embeddings (the offline MiniLM embedder). A request is planned by a
+`stream: true`), POST /v1/embeddings (the offline MiniLM embedder), and agents: POST /v1/agents
+(a task file, or a prompt with llmos tools, run unattended), GET /v1/agents (the process table),
+GET /v1/agents/{id} (its row and messages), GET /v1/agents/{id}/events (its messages as
+server-sent events until it ends), POST /v1/agents/{id}/pause | resume | stop. A request is planned by a
 kernel (`Kernel.complete`: routed in auto mode, a chosen call checked; nothing is executed: the
 client runs its tools), which is an agent in the shared scheduler. The requests of one
 conversation (the same first messages) reuse one kernel, so its prefix stays in the KV cache.
@@ -139,8 +142,23 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+class AgentRequest(pydantic.BaseModel):
+    """Start an agent: a task file (on the server's disk) or a prompt with built-in or module:function tools."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    task: Optional[str] = None
+    prompt: Optional[str] = None
+    tools: list[str] = []
+    name: Optional[str] = None
+    priority: int = Field(0, ge=-100, le=100)
+    vars: dict[str, str] = {}
+    overrides: list[str] = []  # -o key=value for the task or prompt
+
+
 class Service:
-    """What the routes use: the loaded model (through Resources), a kernel per conversation, the embedder."""
+    """What the routes use: the loaded model (through Resources), a kernel per conversation, the
+    agents started through the API, the embedder."""
 
     def __init__(self, settings: Any, resources: Any) -> None:
         self.settings, self.resources = settings, resources
@@ -149,6 +167,7 @@ class Service:
         self.backend = resources.backend(self.config.model)
         self.model_id = Path(getattr(self.backend, "path", "llmos")).stem or "llmos"
         self.kernels: OrderedDict[str, tuple[Any, threading.Lock]] = OrderedDict()
+        self.scheduler = resources.scheduler(self.backend)
         self._lock = threading.Lock()
         self._embedder: Any = None
 
@@ -169,6 +188,50 @@ class Service:
                 _, (old, _) = self.kernels.popitem(last=False)
                 old.close()
             return entry
+
+    def start_agent(self, req: AgentRequest) -> Any:
+        """Build and start an agent on the shared model; returns its Process."""
+        from llmos.agent import prepare, run_task
+        from llmos.build import build
+        from llmos.config import ConfigError, apply_overrides, merge
+        from llmos.task import TaskError, load_task
+
+        if (req.task is None) == (req.prompt is None):
+            raise ApiError(400, "give either task (a task file) or prompt", "task")
+        try:
+            if req.task is not None:
+                path = Path(req.task).expanduser().resolve()
+                task = load_task(path, req.overrides, req.vars)
+                if req.priority:
+                    task = task.model_copy(update={"agent": task.agent.model_copy(update={"priority": req.priority})})
+                kernel, folder = prepare(task, path, self.resources, self.settings.runs_dir, req.name)
+                proc = kernel.process
+                proc.messages = []
+                proc.ended.clear()
+
+                def work() -> None:
+                    try:
+                        run_task(task, path, kernel, folder, on_message=lambda m: None if m.is_delta else proc.messages.append(m))
+                    finally:
+                        proc.ended.set()
+
+                threading.Thread(target=work, name=f"agent-{proc.pid}", daemon=True).start()
+                return proc
+            data = merge(self.config.model_dump(mode="json"), {"tools": {"enabled": req.tools},
+                                                                "agent": {"name": req.name, "priority": req.priority}})
+            kernel = build(type(self.config).model_validate(apply_overrides(data, req.overrides)), resources=self.resources,
+                           trace=self.settings.trace_dir)
+            return self.scheduler.start(kernel, req.prompt)
+        except (TaskError, ConfigError, pydantic.ValidationError, ValueError) as exc:
+            raise ApiError(400, " ".join(str(exc).split())[:500]) from None
+
+    def agent(self, key: str) -> Any:
+        from llmos.scheduler import NoSuchAgent
+
+        try:
+            return self.scheduler.get(key)
+        except NoSuchAgent as exc:
+            raise ApiError(404, str(exc)) from None
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         if self._embedder is None:
@@ -370,5 +433,43 @@ def app(service: Service, api_key: str | None = None, hosts: tuple[str, ...] = L
         return {"object": "list", "model": "all-MiniLM-L6-v2",
                 "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": sum(len(t.split()) for t in texts), "total_tokens": sum(len(t.split()) for t in texts)}}
+
+    @api.post("/v1/agents")
+    def start_agent(req: AgentRequest) -> dict[str, Any]:
+        return service.start_agent(req).row()
+
+    @api.get("/v1/agents")
+    def agents() -> dict[str, Any]:
+        return {"object": "list", "data": service.scheduler.ps()}
+
+    @api.get("/v1/agents/{key}")
+    def agent(key: str) -> dict[str, Any]:
+        proc = service.agent(key)
+        return {**proc.row(), "messages": [m.to_dict() for m in list(proc.messages)]}
+
+    @api.get("/v1/agents/{key}/events")
+    def events(key: str) -> Any:
+        proc = service.agent(key)
+
+        def stream() -> Iterator[str]:
+            sent = 0
+            while True:
+                ended = proc.ended.is_set()
+                for m in list(proc.messages)[sent:]:
+                    sent += 1
+                    yield f"data: {json.dumps(m.to_dict(), default=str)}\n\n"
+                if ended:
+                    break
+                proc.ended.wait(0.1)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @api.post("/v1/agents/{key}/{action}")
+    def control(key: str, action: str) -> dict[str, Any]:
+        if action not in ("pause", "resume", "stop"):
+            raise ApiError(404, f"no action {action!r}: use pause, resume or stop")
+        service.agent(key)
+        return getattr(service.scheduler, action)(key).row()
 
     return api

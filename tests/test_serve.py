@@ -186,3 +186,33 @@ def test_api_key_and_non_local_hosts(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "llmos", "serve", "--host", "0.0.0.0"], capture_output=True, text=True,
                          env={**os.environ, "LLMOS_HOME": str(tmp_path)})
     assert bad.returncode == 2 and "--api-key" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_agents_start_stream_and_are_controlled_from_llmos_ps(server, tmp_path):
+    task = tmp_path / "mul.yaml"
+    task.write_text("goal: What is 12 * 34?\ntools: [calculator]\nchecks:\n  - answer_contains: '408'\n")
+    started = httpx.post(server + "/v1/agents", json={"task": str(task), "name": "mul"}, timeout=60).json()
+    assert started["name"] == "mul"
+    with httpx.stream("GET", f"{server}/v1/agents/{started['id']}/events", timeout=120) as r:
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    messages = [json.loads(line) for line in lines[:-1]]
+    assert messages[0]["role"] == "user" and messages[-1]["meta"]["exit"] == "answer" and "408" in messages[-1]["content"]
+    env = {**os.environ, "LLMOS_HOME": str(tmp_path)}
+    ps = subprocess.run([sys.executable, "-m", "llmos", "ps", "--server", server, "--json"], capture_output=True, text=True, env=env)
+    assert ps.returncode == 0 and any(row["name"] == "mul" and row["state"] == "done" for row in json.loads(ps.stdout))
+    # a prompt with llmos tools, paused before it can finish, then resumed
+    slow = httpx.post(server + "/v1/agents", json={"prompt": "Write a long story about a lighthouse.", "name": "story",
+                                                   "overrides": ["sampling.max_tokens=400", "budget.steps=1"]}, timeout=60).json()
+    paused = subprocess.run([sys.executable, "-m", "llmos", "ps", "--server", server, "--pause", "story", "--json"],
+                            capture_output=True, text=True, env=env)
+    assert paused.returncode == 0 and json.loads(paused.stdout)[0]["id"] == slow["id"]
+    stopped = httpx.post(f"{server}/v1/agents/story/stop", timeout=10).json()
+    assert stopped["name"] == "story"
+    httpx.post(f"{server}/v1/agents/story/resume", timeout=10)
+    with httpx.stream("GET", f"{server}/v1/agents/story/events", timeout=120) as r:
+        last = [line for line in r.iter_lines() if line.startswith("data: {")][-1]
+    assert json.loads(last[6:])["meta"]["exit"] == "stopped"
+    missing = subprocess.run([sys.executable, "-m", "llmos", "ps", "--server", server, "--stop", "nobody"], capture_output=True, text=True, env=env)
+    assert missing.returncode == 2 and "no agent 'nobody'" in missing.stderr
+    assert httpx.post(server + "/v1/agents", json={"task": str(tmp_path / "missing.yaml")}).status_code == 400
