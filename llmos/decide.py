@@ -191,10 +191,52 @@ def _leaves(value: Any) -> Iterable[Any]:
         yield value
 
 
+_PERCENT = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(?:%|percent\b|per cent\b)", re.I)
+_AS_FRACTION = re.compile(r"\bdecimal\b|\bfraction\b|\b0\.\d+\b|between 0 and 1|\bratio\b|\brate\b", re.I)  # rates are fractions by convention
+
+
+_SCALED = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(thousand|million|billion|trillion)\b", re.I)
+_SCALE = {"thousand": 1e3, "million": 1e6, "billion": 1e9, "trillion": 1e12}
+
+
+def percents(request: str) -> list[float]:
+    """The request's percentages as fractions ("5%" -> 0.05)."""
+    return [round(float(n) / 100, 12) for n in _PERCENT.findall(request)]
+
+
+def scaled(request: str) -> dict[float, float]:
+    """Numbers the request says with a scale word, by what is written: "213 million" -> {213: 213000000}."""
+    return {float(n): round(float(n) * _SCALE[w.lower()], 6) for n, w in _SCALED.findall(request)}
+
+
+def as_fractions(tool: Tool, call: ToolCall, request: str) -> ToolCall | None:
+    """The call with a number said with a scale word written out ("213 million" -> 213000000), and
+    a percentage the request states ("5%") written as the fraction its parameter
+    asks for (a rate, or a description that says decimal, fraction or gives 0.x, and never percent):
+    5 -> 0.05. None if nothing changes."""
+    stated = {round(p * 100, 10): p for p in percents(request)}
+    big = scaled(request)
+    props, arguments, changed = tool.parameters.get("properties") or {}, dict(call.arguments), False
+    for name, value in call.arguments.items():
+        schema = props.get(name)
+        if (isinstance(schema, Mapping) and schema.get("type") in ("number", "integer", "float") and isinstance(value, (int, float))
+                and not isinstance(value, bool) and float(value) in big):  # "213 million" is 213000000, not 213
+            full = big[float(value)]
+            arguments[name], changed = int(full) if full == int(full) else full, True
+            continue
+        said = f"{name.replace('_', ' ')} {schema.get('description', '')}" if isinstance(schema, Mapping) else ""
+        if (isinstance(schema, Mapping) and schema.get("type") in ("number", "float") and isinstance(value, (int, float))
+                and not isinstance(value, bool) and round(float(value), 10) in stated and _AS_FRACTION.search(said)
+                and not re.search(r"percent", said, re.I)):
+            arguments[name], changed = stated[round(float(value), 10)], True
+    return ToolCall(call.name, arguments, call.id) if changed else None
+
+
 def grounded(arguments: Mapping[str, Any], request: str) -> float:
-    """Share of the call's checkable claims that the request states: number values, numbers inside
-    short strings, and short strings themselves. 1.0 when there is nothing to check."""
-    stated = numbers_in(request)
+    """Share of the call's checkable claims that the request states: number values (a percentage
+    also as its fraction), numbers inside short strings, and short strings themselves. 1.0 when
+    there is nothing to check."""
+    stated = numbers_in(request) + percents(request) + list(scaled(request).values())
     text = request.lower()
     claims = found = 0
     for value in _leaves(arguments):
@@ -348,6 +390,9 @@ def second_pass(reply: Message, tools: Sequence[Tool], request: str,
     if len(reply.tool_calls) != 1:
         return reply, None
     tool = next((t for t in tools if t.name == reply.tool_calls[0].name), None)
+    fraction = as_fractions(tool, reply.tool_calls[0], request) if tool is not None else None
+    if fraction is not None:  # "5%" for a rate asked as a decimal: a rewrite, not a second decode
+        reply = Message("assistant", "", tool_calls=(fraction,), meta={**reply.meta, "raw": render_call(fraction), "fraction": True})
     if tool is None or judge(tool, reply.tool_calls[0], request)[:2] == (True, 1.0):
         return reply, None
     t0 = time.perf_counter()

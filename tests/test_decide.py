@@ -221,3 +221,18 @@ def test_real_model_answers_never_open_like_a_call(llama_backend):
     assert reply.content and not reply.content.startswith("<") and not reply.tool_calls
     prefixed = list(llama_backend.turn(msgs, [calc], "none", prefix="2+2 = 4"))[-1]
     assert prefixed.content.startswith("2+2 = 4")
+
+
+def test_percentages_and_scale_words_are_written_as_the_parameter_asks():
+    from llmos.decide import as_fractions, grounded
+    from llmos.toolbox import from_openai
+
+    t = from_openai({"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "interest_rate": {"type": "number", "description": "The annual interest rate."},
+        "discount_percent": {"type": "number", "description": "Discount in percent."},
+        "population": {"type": "integer"}, "years": {"type": "integer"}}}}})
+    request = "A rate of 5%, 20% off, a population of 213 million, over 5 years."
+    fixed = as_fractions(t, ToolCall("f", {"interest_rate": 5, "discount_percent": 20, "population": 213, "years": 5}), request)
+    assert dict(fixed.arguments) == {"interest_rate": 0.05, "discount_percent": 20, "population": 213000000, "years": 5}
+    assert grounded(dict(fixed.arguments), request) == 1.0
+    assert as_fractions(t, ToolCall("f", {"years": 5}), request) is None
