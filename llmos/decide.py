@@ -209,6 +209,57 @@ def scaled(request: str) -> dict[float, float]:
     return {float(n): round(float(n) * _SCALE[w.lower()], 6) for n, w in _SCALED.findall(request)}
 
 
+_CHOICES = re.compile(r"(?:(?i:\bcan be\b|\bone of\b|\boptions?:|\beither\b)|\b(e\.g\.|i\.e\.|such as\b|like\b))\s*[:,]?\s*(.+?)(?:\.(?:\s+[A-Z]|\s*$)|$)")
+
+
+def choices(schema: Mapping[str, Any]) -> tuple[list[str], bool]:
+    """The values a string parameter names, and whether they are all it takes: its enum or a
+    list its description gives ("Can be 'melting', 'freezing'": all; "e.g. king size, suite":
+    examples)."""
+    if isinstance(schema.get("enum"), list):
+        return [str(v) for v in schema["enum"] if isinstance(v, str)], True
+    found = _CHOICES.search(str(schema.get("description", "")))
+    if not found:
+        return [], False
+    parts = re.split(r",\s*|\s+or\s+|\s+and\s+", found.group(2))
+    out = [p.strip(" '\"`").removesuffix(" etc").strip(" '\"`") for p in parts]
+    return [p for p in out if p and p.lower() != "etc" and len(p.split()) <= 3], found.group(1) is None
+
+
+def _said(word: str, request: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word.lower())}(?!\w)", request.lower()) is not None
+
+
+def as_stated(tool: Tool, call: ToolCall, request: str) -> ToolCall | None:
+    """The call with what the request states written as the parameters ask, without a model: a
+    number said with a scale word written out ("213 million" -> 213000000); a percentage
+    ("5%") as the fraction a rate asks for; a string parameter with named choices (see `choices`)
+    set to the one choice the request names; an optional true/false the request never mentions
+    left to its default. None if nothing changes."""
+    out = as_fractions(tool, call, request) or call
+    props, required = tool.parameters.get("properties") or {}, set(tool.parameters.get("required") or ())
+    arguments, changed = dict(out.arguments), out is not call
+    for name, value in list(arguments.items()):
+        schema = props.get(name)
+        if not isinstance(schema, Mapping):
+            continue
+        if schema.get("type") == "string" and isinstance(value, str):
+            options, closed = choices(schema)
+            named = [c for c in options if _said(c, request)]
+            other = value.lower() not in {c.lower() for c in options}
+            # a closed list: the one choice named wins over a value that is no choice or is not said;
+            # examples: only over a value it contains ("King" for "king size")
+            if len(named) == 1 and named[0] != value and (
+                    (closed and (other or not _said(value, request))) or (not closed and other and value.lower() in named[0].lower())):
+                arguments[name], changed = named[0], True
+        elif schema.get("type") == "boolean" and isinstance(value, bool) and name not in required:
+            words = [w for w in re.split(r"[_\W]+", name.lower()) if len(w) >= 4]
+            if not any(re.search(rf"\b{re.escape(w[:4])}", request.lower()) for w in words):
+                del arguments[name]  # a flag the request never asks about keeps its default
+                changed = True
+    return ToolCall(call.name, arguments, call.id) if changed else None
+
+
 def as_fractions(tool: Tool, call: ToolCall, request: str) -> ToolCall | None:
     """The call with a number said with a scale word written out ("213 million" -> 213000000), and
     a percentage the request states ("5%") written as the fraction its parameter
@@ -390,9 +441,9 @@ def second_pass(reply: Message, tools: Sequence[Tool], request: str,
     if len(reply.tool_calls) != 1:
         return reply, None
     tool = next((t for t in tools if t.name == reply.tool_calls[0].name), None)
-    fraction = as_fractions(tool, reply.tool_calls[0], request) if tool is not None else None
-    if fraction is not None:  # "5%" for a rate asked as a decimal: a rewrite, not a second decode
-        reply = Message("assistant", "", tool_calls=(fraction,), meta={**reply.meta, "raw": render_call(fraction), "fraction": True})
+    stated = as_stated(tool, reply.tool_calls[0], request) if tool is not None else None
+    if stated is not None:  # values as the request states them ("5%" for a rate: 0.05): a rewrite, not a decode
+        reply = Message("assistant", "", tool_calls=(stated,), meta={**reply.meta, "raw": render_call(stated), "rewritten": True})
     if tool is None or judge(tool, reply.tool_calls[0], request)[:2] == (True, 1.0):
         return reply, None
     t0 = time.perf_counter()

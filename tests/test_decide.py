@@ -236,3 +236,20 @@ def test_percentages_and_scale_words_are_written_as_the_parameter_asks():
     assert dict(fixed.arguments) == {"interest_rate": 0.05, "discount_percent": 20, "population": 213000000, "years": 5}
     assert grounded(dict(fixed.arguments), request) == 1.0
     assert as_fractions(t, ToolCall("f", {"years": 5}), request) is None
+
+
+def test_named_choices_and_unasked_flags_are_set_from_the_request():
+    from llmos.decide import as_stated
+    from llmos.toolbox import from_openai
+
+    t = from_openai({"type": "function", "function": {"name": "book", "parameters": {"type": "object", "properties": {
+        "unit": {"type": "string", "enum": ["meter", "feet"]},
+        "room": {"type": "string", "description": "Room type, e.g. king size, queen size, suite."},
+        "city": {"type": "string", "description": "City, e.g. Paris, London."},
+        "kind": {"type": "string", "description": "Can be 'melting', 'vaporization'."},
+        "refundable": {"type": "boolean"}}, "required": ["unit", "room", "city", "kind"]}}})
+    request = "A king size room in Rome, heights in feet, for the vaporization test."
+    fixed = as_stated(t, ToolCall("book", {"unit": "meter", "room": "King", "city": "Rome", "kind": "melting", "refundable": True}), request)
+    assert dict(fixed.arguments) == {"unit": "feet", "room": "king size", "city": "Rome", "kind": "vaporization"}
+    same = ToolCall("book", {"unit": "feet", "room": "suite", "city": "Rome", "kind": "vaporization", "refundable": False})
+    assert as_stated(t, same, "feet, a suite in Rome, vaporization, and it must be refundable") is None
