@@ -218,9 +218,12 @@ def choices(schema: Mapping[str, Any]) -> tuple[list[str], bool]:
     examples)."""
     if isinstance(schema.get("enum"), list):
         return [str(v) for v in schema["enum"] if isinstance(v, str)], True
-    found = _CHOICES.search(str(schema.get("description", "")))
-    if not found:
-        return [], False
+    described = str(schema.get("description", ""))
+    found = _CHOICES.search(described)
+    if not found:  # values quoted in the description: "'real' for real roots, 'all' for both"
+        quoted = list(dict.fromkeys(re.findall(r"'([^'\s][^']{0,30})'|\"([^\"\s][^\"]{0,30})\"", described)))
+        values = list(dict.fromkeys(a or b for a, b in quoted))
+        return (values, True) if len(values) >= 2 else ([], False)
     parts = re.split(r",\s*|\s+or\s+|\s+and\s+", found.group(2))
     out = [p.strip(" '\"`").removesuffix(" etc").strip(" '\"`") for p in parts]
     return [p for p in out if p and p.lower() != "etc" and len(p.split()) <= 3], found.group(1) is None
@@ -234,8 +237,9 @@ def as_stated(tool: Tool, call: ToolCall, request: str) -> ToolCall | None:
     """The call with what the request states written as the parameters ask, without a model: a
     number said with a scale word written out ("213 million" -> 213000000); a percentage
     ("5%") as the fraction a rate asks for; a string parameter with named choices (see `choices`)
-    set to the one choice the request names; an optional true/false the request never mentions
-    left to its default. None if nothing changes."""
+    set to the one choice the request names, and an optional one the model left out added (a
+    list: every choice named, in order); an optional true/false the request never mentions left
+    to its default. None if nothing changes."""
     out = as_fractions(tool, call, request) or call
     props, required = tool.parameters.get("properties") or {}, set(tool.parameters.get("required") or ())
     arguments, changed = dict(out.arguments), out is not call
@@ -252,11 +256,23 @@ def as_stated(tool: Tool, call: ToolCall, request: str) -> ToolCall | None:
             if len(named) == 1 and named[0] != value and (
                     (closed and (other or not _said(value, request))) or (not closed and other and value.lower() in named[0].lower())):
                 arguments[name], changed = named[0], True
-        elif schema.get("type") == "boolean" and isinstance(value, bool) and name not in required:
+        elif schema.get("type") == "boolean" and isinstance(value, bool) and name not in required:  # noqa: SIM114
             words = [w for w in re.split(r"[_\W]+", name.lower()) if len(w) >= 4]
             if not any(re.search(rf"\b{re.escape(w[:4])}", request.lower()) for w in words):
                 del arguments[name]  # a flag the request never asks about keeps its default
                 changed = True
+    for name, schema in props.items():  # an optional choice the model left out but the request names
+        if name in arguments or name in required or not isinstance(schema, Mapping):
+            continue
+        if schema.get("type") == "string":
+            named = [c for c in choices(schema)[0] if _said(c, request)]
+            if len(named) == 1:
+                arguments[name], changed = named[0], True
+        elif schema.get("type") == "array" and isinstance(schema.get("items"), Mapping) and schema["items"].get("type") == "string":
+            options = choices(schema["items"])[0] or choices(schema)[0]
+            named = sorted((c for c in options if _said(c, request)), key=lambda c: request.lower().index(c.lower()))
+            if named:
+                arguments[name], changed = named, True
     return ToolCall(call.name, arguments, call.id) if changed else None
 
 

@@ -253,3 +253,17 @@ def test_named_choices_and_unasked_flags_are_set_from_the_request():
     assert dict(fixed.arguments) == {"unit": "feet", "room": "king size", "city": "Rome", "kind": "vaporization"}
     same = ToolCall("book", {"unit": "feet", "room": "suite", "city": "Rome", "kind": "vaporization", "refundable": False})
     assert as_stated(t, same, "feet, a suite in Rome, vaporization, and it must be refundable") is None
+
+
+def test_an_optional_choice_the_request_names_is_added():
+    from llmos.decide import as_stated
+    from llmos.toolbox import from_openai
+
+    t = from_openai({"type": "function", "function": {"name": "fetch", "parameters": {"type": "object", "properties": {
+        "employee_id": {"type": "integer"},
+        "fields": {"type": "array", "items": {"type": "string", "enum": ["Personal Info", "Job History", "Payroll"]}},
+        "roots": {"type": "string", "description": "'real' for real roots, 'all' for both. Default is 'real'."}},
+        "required": ["employee_id"]}}})
+    fixed = as_stated(t, ToolCall("fetch", {"employee_id": 7}), "Get all the roots, and the Job History and Personal Info of 7.")
+    assert dict(fixed.arguments) == {"employee_id": 7, "fields": ["Job History", "Personal Info"], "roots": "all"}
+    assert as_stated(t, ToolCall("fetch", {"employee_id": 7}), "Employee 7, please.") is None
