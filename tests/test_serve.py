@@ -216,3 +216,17 @@ def test_agents_start_stream_and_are_controlled_from_llmos_ps(server, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "llmos", "ps", "--server", server, "--stop", "nobody"], capture_output=True, text=True, env=env)
     assert missing.returncode == 2 and "no agent 'nobody'" in missing.stderr
     assert httpx.post(server + "/v1/agents", json={"task": str(tmp_path / "missing.yaml")}).status_code == 400
+
+
+def test_langchain_chat_openai_merges_streamed_tool_calls(server):
+    """LangChain's ChatOpenAI merges streamed tool-call chunks by index: the name must arrive once."""
+    lc = pytest.importorskip("langchain_openai")
+    model = lc.ChatOpenAI(base_url=server + "/v1", api_key="unused", model="m", max_retries=0, timeout=120)
+    bound = model.bind_tools([WEATHER], tool_choice="get_weather")
+    merged = None
+    for chunk in bound.stream("What is the weather in Lisbon?"):
+        merged = chunk if merged is None else merged + chunk
+    calls = merged.tool_calls
+    assert len(calls) == 1 and calls[0]["name"] == "get_weather" and isinstance(calls[0]["args"].get("city"), str)
+    answer = model.invoke("Say hello in three words.")
+    assert answer.content
