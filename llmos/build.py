@@ -110,14 +110,28 @@ def user_tool(spec: str, base: Path) -> Any:
     return getattr(module, attr)
 
 
-def make_tools(config: Config, artifacts: Path, base: Path) -> list[Any]:
-    """The config's tools: built-ins get a context (artifacts, workspace, file roots, their options)."""
+def make_tools(config: Config, artifacts: Path, base: Path, approve: Callable[..., bool] | None = None) -> list[Any]:
+    """The config's tools: built-ins get a context (artifacts, workspace, file roots, their options);
+    MCP servers are started and their tools listed (llmos.tools.mcp)."""
     from llmos.tools import BUILTIN, ToolContext, load_builtin
 
     t = config.tools
     ctx = ToolContext(artifacts=artifacts, workspace=artifacts / "workspace", python=t.python, browser=t.browser,
                       file_roots=tuple((base / Path(r).expanduser()).resolve() for r in t.file_roots))
-    return [load_builtin(name, ctx) if name in BUILTIN else user_tool(name, base) for name in dict.fromkeys(t.enabled)]
+    tools = [load_builtin(name, ctx) if name in BUILTIN else user_tool(name, base) for name in dict.fromkeys(t.enabled)]
+    if t.mcp:
+        from llmos.tools.mcp import connect
+
+        home = Path(getattr(config, "home", None) or home_dir())
+        for spec in t.mcp:
+            try:
+                tools += connect(spec, home, (lambda name, why: approve(ToolCall(f"mcp:{name}", {}), why)) if approve else None)
+            except BaseException:
+                for made in tools:
+                    if getattr(made, "close", None) is not None:
+                        made.close()
+                raise
+    return tools
 
 
 def build(
@@ -150,7 +164,7 @@ def build(
         memory = Memory(resources.store(m, base), system=config.agent.system, collection=m.collection,
                         recall=m.recall, budget=Budget(warn=m.warn, limit=m.limit))
         folder = artifacts or home_dir() / "runs" / f"{config.agent.name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-        kernel = Kernel(backend, [*make_tools(config, Path(folder), base), *tools], memory=memory, config=config,
+        kernel = Kernel(backend, [*make_tools(config, Path(folder), base, approve), *tools], memory=memory, config=config,
                         scheduler=resources.scheduler(backend), approve=approve, trace=trace,
                         router=resources.router() if config.tools.route else None)
     except BaseException:

@@ -322,17 +322,33 @@ def models(
 
 
 @app.command()
-def tools(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List the built-in tools: name, description, parameters, declared effects, and what each can touch."""
+def tools(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    override: List[str] = typer.Option([], "-o", help=OVERRIDE_HELP + " MCP servers in tools.mcp are started and their tools listed."),
+) -> None:
+    """List the tools: built-ins and the configured MCP servers' (name, description, parameters, effects, what each can touch)."""
     import tempfile
 
     from llmos.tools import BUILTIN, ToolContext, load_builtin
 
-    with tempfile.TemporaryDirectory(prefix="llmos-tools-") as tmp:
-        loaded = [load_builtin(name, ToolContext.under(Path(tmp))) for name in BUILTIN]
-    if as_json:
-        from llmos.render import describe_effects
+    try:
+        settings = _settings(override, {})
+        with tempfile.TemporaryDirectory(prefix="llmos-tools-") as tmp:
+            loaded = [load_builtin(name, ToolContext.under(Path(tmp))) for name in BUILTIN]
+        if settings.tools.mcp:
+            from llmos.tools.mcp import connect
 
+            for spec in settings.tools.mcp:
+                found = connect(spec, settings.home)
+                loaded += found
+                for t in found:
+                    if t.close is not None:
+                        t.close()
+    except _errors() as exc:
+        raise fail(str(exc)) from None
+    from llmos.render import describe_effects
+
+    if as_json:
         typer.echo(json.dumps([{**t.schema()["function"], "touches": t.touches, "effects": describe_effects(t)} for t in loaded], indent=2))
         return
     from llmos.render import tools_table

@@ -126,6 +126,33 @@ class BrowserOptions(Section):
         return self.nav_timeout + 2 * self.action_timeout
 
 
+class McpServer(Section):
+    """An MCP server whose tools the agent may use (stdio: command; Streamable HTTP: url)."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")  # prefixes its tools' names: time_convert_time
+    command: Optional[list[str]] = None  # e.g. [python, -m, mcp_server_time]
+    url: Optional[str] = None  # e.g. http://127.0.0.1:9000/mcp
+    env: dict[str, str] = {}  # stdio: environment variables for it (beside a minimal PATH/HOME set)
+    trusted: bool = False  # its read-only annotations are believed (else every tool counts as having side effects)
+    sandbox: bool = False  # stdio: run it inside bubblewrap with no network
+    timeout: float = Field(30.0, gt=0)  # seconds per call
+
+    @pydantic.model_validator(mode="after")
+    def _one_way(self) -> "McpServer":
+        import shutil
+
+        if (self.command is None) == (self.url is None):
+            raise ValueError(f"MCP server {self.name!r}: give either command (a list: program and arguments) or url")
+        if self.url is not None and not re.match(r"^https?://\S+$", self.url):
+            raise ValueError(f"MCP server {self.name!r}: url {self.url!r} is not an http(s) URL")
+        if self.command is not None:
+            if not self.command:
+                raise ValueError(f"MCP server {self.name!r}: command is empty")
+            if shutil.which(self.command[0]) is None and not os.access(self.command[0], os.X_OK):
+                raise ValueError(f"MCP server {self.name!r}: command {self.command[0]!r} not found; install it or fix the path")
+        return self
+
+
 class ToolsConfig(Section):
     """Which tools the agent may use and what they may reach. `tools: [calculator, plot]` is
     shorthand for `tools: {enabled: [calculator, plot]}`."""
@@ -137,6 +164,16 @@ class ToolsConfig(Section):
     file_roots: list[str] = []  # folders the python tool may read (read-only, at /files/<name>); relative to the task file
     python: PythonOptions = PythonOptions()
     browser: BrowserOptions = BrowserOptions()
+    mcp: list[McpServer] = []  # MCP servers whose tools are offered too, named <server>_<tool>
+
+    @pydantic.field_validator("mcp")
+    @classmethod
+    def _distinct(cls, servers: list[McpServer]) -> list[McpServer]:
+        names = [s.name for s in servers]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"MCP server name {twice[0]!r} is used twice; names prefix tool names and must differ")
+        return servers
 
     @pydantic.field_validator("enabled")
     @classmethod

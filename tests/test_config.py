@@ -4,6 +4,7 @@ ending of a run is a message; the last-resort eviction keeps what it drops."""
 
 import json
 import re
+import sys
 import threading
 from pathlib import Path
 
@@ -81,6 +82,9 @@ CASES = {
     "tools.file_roots": (["data"], {}, lambda k, r, task, path, folder: [p.name for p in _tool(k, "python").file_roots]),
     **{f"tools.python.{f}": (v, {}, (lambda f: lambda k, r, *a: getattr(_tool(k, "python").options, f))(f)) for f, v in PYTHON.items()},
     **{f"tools.browser.{f}": (v, {}, (lambda f: lambda k, r, *a: getattr(_tool(k, "browser").options, f))(f)) for f, v in BROWSER.items()},
+    "tools.mcp": ([{"name": "time", "command": [sys.executable, "-m", "mcp_server_time"]}], {},
+                  lambda k, r, task, *a: [{"name": s.name, "command": s.command} for s in task.tools.mcp]
+                  if "time_convert_time" in k.tools else "no MCP tools in the kernel"),
     "memory.enabled": (True, {}, lambda k, r, *a: k.memory.store is not None and "memory_search" in k.tools),
     "memory.store": ("mem", MEMORY_ON, lambda k, r, *a: r.memories[-1].store),
     "memory.server": ("http://127.0.0.1:8000", MEMORY_ON, lambda k, r, *a: r.memories[-1].server),

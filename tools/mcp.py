@@ -1,0 +1,207 @@
+"""Tools from MCP servers (Model Context Protocol, the `mcp` SDK 2.x): stdio or Streamable HTTP.
+
+`connect(spec, home)` returns a server's tools as llmos Tools, named `<server>_<tool>` so they
+cannot shadow built-ins. Each server runs its own event loop on a thread; it is started on first
+use (listing its tools is a use) and closed with the kernel (`Tool.close`).
+
+Trust: the first time llmos sees a server's tool definitions it records their SHA-256 under
+<home>/mcp.json. If they change later ("rug pull"), `connect` refuses with one line naming the
+server and what changed, unless `approve(server, why)` says yes (the shell asks; unattended runs
+do not). Descriptions reach the model as data about a tool (control strings and call tags broken).
+Results are untrusted, and a tool counts as having side effects unless the server marks it
+read-only and the config marks the server trusted. A stdio server runs inside bubblewrap with no
+network when its config says `sandbox: true`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from llmos.toolbox import Tool, ToolError
+
+START_TIMEOUT = 30.0
+
+
+def _name(server: str, tool: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", f"{server}_{tool}")
+    return name[:64]
+
+
+def definitions_hash(tools: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(tools, sort_keys=True).encode()).hexdigest()
+
+
+class Server:
+    """One MCP server: its process (or URL) and session on a private event-loop thread."""
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.client: Any = None
+        self.tools: list[Any] = []
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _command(self) -> list[str]:
+        cmd = list(self.spec.command or [])
+        if not cmd:
+            raise ToolError(f"MCP server {self.spec.name!r}: give a command (stdio) or a url")
+        if shutil.which(cmd[0]) is None and not os.access(cmd[0], os.X_OK):
+            raise ToolError(f"MCP server {self.spec.name!r}: command {cmd[0]!r} not found; install it or fix tools.mcp")
+        if self.spec.sandbox:
+            bwrap = shutil.which("bwrap")
+            if bwrap is None:
+                raise ToolError(f"MCP server {self.spec.name!r}: sandbox: true needs bubblewrap (apt-get install bubblewrap)")
+            cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+                   "--unshare-net", "--unshare-pid", "--die-with-parent", "--", *cmd]
+        return cmd
+
+    def start(self) -> None:
+        """Start the server and list its tools (once); raises ToolError with the reason."""
+        with self._lock:
+            if self._thread is not None:
+                if self._error is not None:
+                    raise ToolError(str(self._error))
+                return
+            transport = self._transport()
+            self._thread = threading.Thread(target=self._run, args=(transport,), name=f"mcp-{self.spec.name}", daemon=True)
+            self._thread.start()
+        if not self._ready.wait(self.spec.timeout + START_TIMEOUT):
+            self.close()
+            raise ToolError(f"MCP server {self.spec.name!r} did not start within {self.spec.timeout + START_TIMEOUT:g} s")
+        if self._error is not None:
+            raise ToolError(str(self._error))
+
+    def _transport(self) -> Any:
+        if self.spec.url:
+            return self.spec.url
+        from mcp.client.stdio import StdioServerParameters, stdio_client
+
+        cmd = self._command()
+        errlog = open(os.devnull, "w")  # the server's own logging is not ours to show
+        return stdio_client(StdioServerParameters(command=cmd[0], args=cmd[1:], env=dict(self.spec.env) or None), errlog=errlog)
+
+    def _run(self, transport: Any) -> None:
+        try:
+            asyncio.run(self._main(transport))
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller waiting in start()
+            if not self._ready.is_set():
+                how = f"command: {' '.join(self.spec.command)}; run it by hand to see why" if self.spec.command else f"url: {self.spec.url}"
+                self._error = ToolError(f"MCP server {self.spec.name!r} failed to start ({_why(exc)}; {how})")
+            self._ready.set()
+
+    async def _main(self, transport: Any) -> None:
+        from mcp import Client
+
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with Client(transport, read_timeout_seconds=self.spec.timeout, cache=None) as client:
+            self.client = client
+            listed = await client.list_tools()
+            self.tools = list(listed.tools)
+            self._ready.set()
+            await self._stop.wait()
+
+    def call(self, name: str, arguments: Mapping[str, Any]) -> str:
+        """Call one tool; its text content (or structured content as JSON). Errors raise."""
+        self.start()
+        if self.loop is None or self.client is None:
+            raise ToolError(f"MCP server {self.spec.name!r} is not running")
+        future = asyncio.run_coroutine_threadsafe(self.client.call_tool(name, dict(arguments)), self.loop)
+        try:
+            result = future.result(self.spec.timeout)
+        except TimeoutError:
+            future.cancel()
+            raise ToolError(f"MCP server {self.spec.name!r}: {name} did not answer within {self.spec.timeout:g} s") from None
+        except Exception as exc:  # noqa: BLE001 - the server crashed, or sent something unreadable
+            raise ToolError(f"MCP server {self.spec.name!r}: {name} failed: {_why(exc)}") from None
+        texts = [getattr(c, "text", None) for c in result.content or ()]
+        text = "\n".join(t for t in texts if isinstance(t, str))
+        if not text and result.structured_content is not None:
+            text = json.dumps(result.structured_content)
+        if result.is_error:
+            raise ToolError(f"MCP server {self.spec.name!r}: {name}: {text or 'error'}")
+        return text or "(no content)"
+
+    def close(self) -> None:
+        if self.loop is not None and self._stop is not None and not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:
+                pass
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+def _why(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}".strip()[:300]
+
+
+def _ledger(home: Path) -> dict[str, str]:
+    try:
+        data = json.loads((home / "mcp.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _record(home: Path, key: str, digest: str) -> None:
+    ledger = _ledger(home)
+    ledger[key] = digest
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = home / f"mcp.json.{os.getpid()}.part"
+    tmp.write_text(json.dumps(ledger, indent=1), encoding="utf-8")
+    os.replace(tmp, home / "mcp.json")
+
+
+def connect(spec: Any, home: Path, approve: Callable[[str, str], bool] | None = None) -> list[Tool]:
+    """The tools of one configured MCP server (see the module docstring); raises ToolError."""
+    from llmos.policy import as_data
+
+    server = Server(spec)
+    server.start()
+    defs = [{"name": t.name, "description": t.description or "", "input_schema": t.input_schema,
+             "read_only": bool(t.annotations and t.annotations.read_only_hint)} for t in server.tools]
+    key = f"{spec.name} {spec.url or ' '.join(spec.command or [])}"
+    digest, known = definitions_hash(defs), _ledger(home).get(key)
+    if known is not None and known != digest:
+        why = f"the tool definitions of MCP server {spec.name!r} changed since they were approved ({known[:12]} -> {digest[:12]})"
+        if approve is None or not approve(spec.name, why):
+            server.close()
+            raise ToolError(f"{why}; its tools are disabled until you approve them again (in the shell, or delete its entry in {home / 'mcp.json'})")
+    if known != digest:
+        _record(home, key, digest)
+    tools = []
+    for d, t in zip(defs, server.tools):
+        schema = d["input_schema"] if isinstance(d["input_schema"], dict) else {"type": "object", "properties": {}}
+        if schema.get("type", "object") != "object":
+            server.close()
+            raise ToolError(f"MCP server {spec.name!r}: tool {t.name!r} has an input schema that is not an object")
+        description = as_data(" ".join(d["description"].split())[:600]) or t.name
+        tools.append(Tool(
+            name=_name(spec.name, t.name),
+            description=f"[{spec.name} MCP server] {description}",
+            parameters=schema,
+            fn=(lambda n: lambda **kw: server.call(n, kw))(t.name),
+            timeout=spec.timeout + 5,
+            untrusted=True,
+            touches=f"whatever the MCP server {spec.name!r} reaches ({spec.url or ' '.join(spec.command or [])})",
+            effects=() if d["read_only"] and spec.trusted else None,
+            close=server.close if not tools else None,  # the first tool closes the server, once
+        ))
+    if not tools:
+        server.close()
+    return tools
