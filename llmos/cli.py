@@ -449,6 +449,52 @@ def serve(
         resources.close()
 
 
+@app.command("mcp-serve")
+def mcp_serve(override: List[str] = typer.Option([], "-o", help=OVERRIDE_HELP)) -> None:
+    """Serve llmos's built-in tools to MCP clients over stdio: calculator, python (in its sandbox), plot, the browser (its allow-list), and memory_search when the store is free."""
+    import time
+
+    from llmos.tools import BUILTIN, ToolContext, load_builtin
+
+    try:
+        settings = _settings(override, {})
+        t = settings.tools
+        ctx = ToolContext(artifacts=settings.runs_dir / f"mcp-{time.strftime('%Y%m%d-%H%M%S')}", workspace=settings.runs_dir / "mcp-workspace",
+                          python=t.python, browser=t.browser)
+        tools = [load_builtin(name, ctx) for name in BUILTIN]
+    except _errors() as exc:
+        raise fail(str(exc)) from None
+    store = None
+    try:
+        from llmos.memory.store import MemoryStore, StoreError
+        from llmos.memory.tools import make as memory_tools
+
+        store = MemoryStore(Path(settings.memory.store).expanduser() if settings.memory.store else settings.home / "memory",
+                            server=settings.memory.server)
+        tools.append(memory_tools(store, collection=settings.memory.collection)[0])  # memory_search only: clients read, not write
+    except StoreError as exc:
+        typer.echo(f"llmos mcp-serve: memory_search left out ({exc})", err=True)
+    from mcp.server.mcpserver import MCPServer
+    from mcp_types import ToolAnnotations
+
+    from llmos.policy import effects_of
+
+    server = MCPServer("llmos")
+    for tool in tools:
+        read_only = tool.effects is not None and not callable(tool.effects) and not effects_of(tool, {})
+        server.add_tool(tool.fn, name=tool.name, description=tool.description,
+                        annotations=ToolAnnotations(read_only_hint=read_only, open_world_hint=tool.name == "browser"),
+                        structured_output=False)
+    try:
+        server.run("stdio")
+    finally:
+        for tool in tools:
+            if tool.close is not None:
+                tool.close()
+        if store is not None:
+            store.close()
+
+
 @app.command("eval")
 def eval_(
     suites: List[Path] = typer.Argument(..., help="Suites (JSONL, one case a line): BFCL-style or routing cases; see examples/evals/."),

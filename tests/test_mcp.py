@@ -107,3 +107,28 @@ def test_crashes_hangs_and_missing_commands_are_one_readable_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "llmos", "validate", str(task)], capture_output=True, text=True,
                           env={**os.environ, "LLMOS_HOME": str(tmp_path)})
     assert proc.returncode == 2 and "no-such-mcp-server" in proc.stderr
+
+
+def test_llmos_mcp_serve_is_driven_by_the_sdk_client(tmp_path):
+    """The SDK's own client lists llmos's tools over stdio and calls the calculator and python."""
+    import asyncio
+    import shutil
+
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    async def drive():
+        params = StdioServerParameters(command=sys.executable, args=["-m", "llmos", "mcp-serve"],
+                                       env={"LLMOS_HOME": str(tmp_path), "PATH": os.environ["PATH"]})
+        async with Client(stdio_client(params, errlog=open(os.devnull, "w")), cache=None) as client:
+            names = {t.name: t for t in (await client.list_tools()).tools}
+            calc = await client.call_tool("calculator", {"expression": "17 * 23"})
+            py = await client.call_tool("python", {"code": "print(6 * 7)"}) if shutil.which("bwrap") else None
+            return names, calc, py
+
+    names, calc, py = asyncio.run(asyncio.wait_for(drive(), 120))
+    assert {"calculator", "python", "plot", "browser", "memory_search"} <= set(names)
+    assert names["calculator"].annotations.read_only_hint and not names["python"].annotations.read_only_hint
+    assert "391" in calc.content[0].text and not calc.is_error
+    if py is not None:
+        assert "42" in py.content[0].text
