@@ -132,3 +132,27 @@ def test_llmos_mcp_serve_is_driven_by_the_sdk_client(tmp_path):
     assert "391" in calc.content[0].text and not calc.is_error
     if py is not None:
         assert "42" in py.content[0].text
+
+
+def test_a_stdio_server_can_run_in_bubblewrap_without_network(tmp_path):
+    import shutil
+
+    if shutil.which("bwrap") is None:
+        pytest.skip("needs bubblewrap")
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    spec, _ = fixture(tmp_path)
+    free = {t.name: t for t in connect(spec, tmp_path)}
+    boxed = {t.name: t for t in connect(spec.model_copy(update={"sandbox": True}), tmp_path)}
+    try:
+        assert free["fix_reach"].invoke({"port": port}) == "reached"  # the same server outside the sandbox
+        assert boxed["fix_echo"].invoke({"text": "inside"}) == "inside"
+        assert boxed["fix_reach"].invoke({"port": port}).startswith("unreachable")  # no network inside
+    finally:
+        listener.close()
+        next(t.close for t in free.values() if t.close)()
+        next(t.close for t in boxed.values() if t.close)()

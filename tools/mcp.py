@@ -63,7 +63,8 @@ class Server:
             bwrap = shutil.which("bwrap")
             if bwrap is None:
                 raise ToolError(f"MCP server {self.spec.name!r}: sandbox: true needs bubblewrap (apt-get install bubblewrap)")
-            cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+            # the whole file system read-only (the server's own files stay visible wherever they are), no network
+            cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
                    "--unshare-net", "--unshare-pid", "--die-with-parent", "--", *cmd]
         return cmd
 

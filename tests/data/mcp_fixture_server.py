@@ -17,6 +17,17 @@ def echo(text: str) -> str:
     return text
 
 
+@server.tool(description="Try to open a TCP connection to 127.0.0.1:port.")
+def reach(port: int) -> str:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return "reached"
+    except OSError as exc:
+        return f"unreachable: {exc}"
+
+
 @server.tool(description="Crash the server.")
 def crash() -> str:
     sys.stdout.flush()
