@@ -21,6 +21,7 @@ from llmos.render import MessagePrinter, err, out
 COMMANDS = {
     "/help": "this list",
     "/tools": "the enabled tools",
+    "/mcp": "/mcp add NAME COMMAND...: start an MCP server (stdio) and offer its tools as NAME_<tool>",
     "/model": "show the model; /model PATH switches to another GGUF",
     "/memory": "context window usage; /memory QUERY searches long-term memory",
     "/ps": "agents in this shell: id, priority, state, steps, tokens, budgets",
@@ -167,6 +168,8 @@ class Shell:
 
             if self.ready():
                 tools_table(list(self.kernel.tools))
+        elif name == "/mcp":
+            self._mcp(arg)
         elif name == "/trace":
             if self.ready():
                 out.print(str(self.kernel.trace.path))
@@ -197,6 +200,30 @@ class Shell:
         else:
             out.print(f"[red]unknown command {name}[/red]; /help lists them")
         return True
+
+    def _mcp(self, arg: str) -> None:
+        """`/mcp add NAME COMMAND...`: an MCP server's tools join this shell's (policy and trust as in tools.mcp)."""
+        import shlex
+
+        from llmos.config import McpServer
+        from llmos.toolbox import ToolError
+        from llmos.tools.mcp import connect
+
+        words = shlex.split(arg)
+        if len(words) < 3 or words[0] != "add":
+            out.print("usage: /mcp add NAME COMMAND... (e.g. /mcp add time python -m mcp_server_time)")
+            return
+        if not self.ready():
+            return
+        try:
+            spec = McpServer(name=words[1], command=words[2:])
+            tools = connect(spec, self.settings.home, lambda server, why: self.approve(ToolCall(f"mcp:{server}", {}), why))
+        except (ValueError, ToolError) as exc:
+            err.print(f"[red]llmos: error: {' '.join(str(exc).split())}[/red]")
+            return
+        for t in tools:
+            self.kernel.tools.add(t)  # closed with the kernel's tools
+        out.print(f"MCP server {spec.name}: {', '.join(t.name for t in tools) or 'no tools'}")
 
     def _control(self, action: str, arg: str) -> None:
         from llmos.scheduler import NoSuchAgent

@@ -172,3 +172,20 @@ def test_background_agent_from_a_task_file_listed_by_ps(shell, llmos_home):
     shell.sendline("/exit")
     shell.expect(pexpect.EOF)
     assert not list((llmos_home / "run").glob("*.json"))  # the shell's table is gone with it
+
+
+def test_mcp_add_offers_a_servers_tools(llmos_home, capsys):
+    pytest.importorskip("mcp_server_time")
+    from llmos.config import load_settings
+    from llmos.repl import Shell
+
+    shell = Shell(load_settings(["tools=[calculator]", "memory.enabled=false"], home=llmos_home))
+    try:
+        shell.command(f"/mcp add time {sys.executable} -m mcp_server_time --local-timezone UTC")
+        assert "time_convert_time" in shell.kernel.tools and "MCP server time: time_get_current_time" in capsys.readouterr().out
+        shell.command("/mcp add broken no-such-mcp-server")
+        assert "command 'no-such-mcp-server' not found" in capsys.readouterr().err
+        shell.command("/mcp")
+        assert "usage: /mcp add" in capsys.readouterr().out
+    finally:
+        shell.close()
