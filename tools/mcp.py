@@ -1,13 +1,14 @@
 """Tools from MCP servers (Model Context Protocol, the `mcp` SDK 2.x): stdio or Streamable HTTP.
 
 `connect(spec, home)` returns a server's tools as llmos Tools, named `<server>_<tool>` so they
-cannot shadow built-ins. Each server runs its own event loop on a thread; it is started on first
-use (listing its tools is a use) and closed with the kernel (`Tool.close`).
+cannot shadow built-ins. Each server runs its own event loop on a thread. The first time, it is
+started to list its tools; after that its recorded definitions are offered and it starts on the
+first call. It is closed with the kernel (`Tool.close`).
 
-Trust: the first time llmos sees a server's tool definitions it records their SHA-256 under
-<home>/mcp.json. If they change later ("rug pull"), `connect` refuses with one line naming the
-server and what changed, unless `approve(server, why)` says yes (the shell asks; unattended runs
-do not). Descriptions reach the model as data about a tool (control strings and call tags broken).
+Trust: the first time llmos sees a server's tool definitions it records them and their SHA-256
+under <home>/mcp.json. If they change later ("rug pull"), its tools refuse to run, with one line
+naming the server and what changed, unless `approve(server, why)` says yes (the shell asks;
+unattended runs do not). Descriptions reach the model as data about a tool (control strings and call tags broken).
 Results are untrusted, and a tool counts as having side effects unless the server marks it
 read-only and the config marks the server trusted. A stdio server runs inside bubblewrap with no
 network when its config says `sandbox: true`.
@@ -151,7 +152,7 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip()[:300]
 
 
-def _ledger(home: Path) -> dict[str, str]:
+def _ledger(home: Path) -> dict[str, Any]:
     try:
         data = json.loads((home / "mcp.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -159,45 +160,89 @@ def _ledger(home: Path) -> dict[str, str]:
     return data if isinstance(data, dict) else {}
 
 
-def _record(home: Path, key: str, digest: str) -> None:
+def _record(home: Path, key: str, digest: str, defs: list[dict[str, Any]]) -> None:
     ledger = _ledger(home)
-    ledger[key] = digest
+    ledger[key] = {"sha256": digest, "tools": defs}
     home.mkdir(parents=True, exist_ok=True)
     tmp = home / f"mcp.json.{os.getpid()}.part"
     tmp.write_text(json.dumps(ledger, indent=1), encoding="utf-8")
     os.replace(tmp, home / "mcp.json")
 
 
+def _definitions(server: Server) -> list[dict[str, Any]]:
+    return [{"name": t.name, "description": t.description or "", "input_schema": t.input_schema,
+             "read_only": bool(t.annotations and t.annotations.read_only_hint)} for t in server.tools]
+
+
+class _Trust:
+    """Checks a server's definitions against the ledger when it starts: a change refuses its tools
+    until `approve(server, why)` says yes; approved or new definitions are recorded."""
+
+    def __init__(self, spec: Any, home: Path, approve: Callable[[str, str], bool] | None) -> None:
+        self.spec, self.home, self.approve = spec, home, approve
+        self.key = f"{spec.name} {spec.url or ' '.join(spec.command or [])}"
+        entry = _ledger(home).get(self.key)
+        self.known = entry.get("sha256") if isinstance(entry, dict) else entry if isinstance(entry, str) else None
+        self.cached = entry.get("tools") if isinstance(entry, dict) and isinstance(entry.get("tools"), list) else None
+        self.refused: str | None = None
+
+    def check(self, defs: list[dict[str, Any]]) -> None:
+        digest = definitions_hash(defs)
+        if self.known is not None and digest != self.known:
+            why = (f"the tool definitions of MCP server {self.spec.name!r} changed since they were approved "
+                   f"({self.known[:12]} -> {digest[:12]})")
+            if self.approve is None or not self.approve(self.spec.name, why):
+                self.refused = (f"{why}; its tools are disabled until you approve them again "
+                                f"(in the shell, or delete its entry in {self.home / 'mcp.json'})")
+                raise ToolError(self.refused)
+        if digest != self.known:
+            _record(self.home, self.key, digest, defs)
+            self.known = digest
+
+
 def connect(spec: Any, home: Path, approve: Callable[[str, str], bool] | None = None) -> list[Tool]:
-    """The tools of one configured MCP server (see the module docstring); raises ToolError."""
+    """The tools of one configured MCP server (see the module docstring); raises ToolError. A
+    server seen before is not started here: its recorded definitions are offered, and it starts
+    on the first call, which checks that they have not changed."""
     from llmos.policy import as_data
 
-    server = Server(spec)
-    server.start()
-    defs = [{"name": t.name, "description": t.description or "", "input_schema": t.input_schema,
-             "read_only": bool(t.annotations and t.annotations.read_only_hint)} for t in server.tools]
-    key = f"{spec.name} {spec.url or ' '.join(spec.command or [])}"
-    digest, known = definitions_hash(defs), _ledger(home).get(key)
-    if known is not None and known != digest:
-        why = f"the tool definitions of MCP server {spec.name!r} changed since they were approved ({known[:12]} -> {digest[:12]})"
-        if approve is None or not approve(spec.name, why):
+    server, trust = Server(spec), _Trust(spec, home, approve)
+    if trust.cached is not None:
+        defs = trust.cached
+    else:
+        server.start()
+        defs = _definitions(server)
+        try:
+            trust.check(defs)
+        except ToolError:
             server.close()
-            raise ToolError(f"{why}; its tools are disabled until you approve them again (in the shell, or delete its entry in {home / 'mcp.json'})")
-    if known != digest:
-        _record(home, key, digest)
+            raise
+
+    def call(name: str, arguments: Mapping[str, Any]) -> str:
+        if trust.refused is not None:
+            raise ToolError(trust.refused)
+        if not server.tools:  # started now, on first use: are these still the definitions offered?
+            server.start()
+            try:
+                trust.check(_definitions(server))
+            except ToolError:
+                server.close()
+                raise
+        return server.call(name, arguments)
+
     tools = []
-    for d, t in zip(defs, server.tools):
+    for d in defs:
         schema = d["input_schema"] if isinstance(d["input_schema"], dict) else {"type": "object", "properties": {}}
         if schema.get("type", "object") != "object":
             server.close()
-            raise ToolError(f"MCP server {spec.name!r}: tool {t.name!r} has an input schema that is not an object")
-        description = as_data(" ".join(d["description"].split())[:600]) or t.name
+            raise ToolError(f"MCP server {spec.name!r}: tool {d['name']!r} has an input schema that is not an object")
+        description = as_data(" ".join(str(d["description"]).split())[:600]) or d["name"]
         tools.append(Tool(
-            name=_name(spec.name, t.name),
+            name=_name(spec.name, d["name"]),
             description=f"[{spec.name} MCP server] {description}",
             parameters=schema,
-            fn=(lambda n: lambda **kw: server.call(n, kw))(t.name),
-            timeout=spec.timeout + 5,
+            fn=(lambda n: lambda **kw: call(n, kw))(d["name"]),
+            timeout=spec.timeout + START_TIMEOUT + 5,
             untrusted=True,
             touches=f"whatever the MCP server {spec.name!r} reaches ({spec.url or ' '.join(spec.command or [])})",
             effects=() if d["read_only"] and spec.trusted else None,
