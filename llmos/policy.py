@@ -352,7 +352,13 @@ class Policy:
         if verdict.decision != "ask":
             return verdict
         if approve is not None:
-            ok = bool(approve(call, verdict.why))
+            import inspect
+
+            try:
+                takes_why = len(inspect.signature(approve).parameters) >= 2
+            except (TypeError, ValueError):
+                takes_why = True
+            ok = bool(approve(call, verdict.why) if takes_why else approve(call))  # approve(call) works too
             return Verdict("allow" if ok else "deny", verdict.rule, verdict.why, asked="user")
         return Verdict(self.unattended, verdict.rule, verdict.why, asked="unattended")
 
