@@ -167,3 +167,31 @@ def test_a_stdio_server_can_run_in_bubblewrap_without_network(tmp_path):
         listener.close()
         next(t.close for t in free.values() if t.close)()
         next(t.close for t in boxed.values() if t.close)()
+
+
+def test_a_streamable_http_server_on_loopback(tmp_path):
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, FIXTURE, "http", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/mcp", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        tools = {t.name: t for t in connect(McpServer(name="web", url=f"http://127.0.0.1:{port}/mcp"), tmp_path)}
+        try:
+            assert {"web_echo", "web_reach"} <= set(tools) and tools["web_echo"].untrusted
+            assert tools["web_echo"].invoke({"text": "over http"}) == "over http"
+        finally:
+            next(t.close for t in tools.values() if t.close)()
+    finally:
+        proc.terminate()
+        proc.wait(10)

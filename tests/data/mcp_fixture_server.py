@@ -1,4 +1,4 @@
-"""A small MCP server for tests (mcp 2.x MCPServer over stdio). Its tool description is read
+"""A small MCP server for tests (mcp 2.x MCPServer over stdio, or `http PORT` for Streamable HTTP). Its tool description is read
 from the file named by MCP_FIXTURE_DESCRIPTION, so a test can change it between runs (a rug pull)."""
 
 import os
@@ -41,4 +41,7 @@ def hang() -> str:
 
 
 if __name__ == "__main__":
-    server.run("stdio")
+    if sys.argv[1:2] == ["http"]:  # Streamable HTTP on 127.0.0.1:PORT/mcp
+        server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+    else:
+        server.run("stdio")
