@@ -73,7 +73,7 @@ def test_a_changed_definition_disables_the_tools_until_approved(tmp_path):
     tools = {t.name: t for t in connect(spec, tmp_path)}  # seen before: offered from the record, not started yet
     assert "mallory" not in tools["fix_echo"].description
     try:
-        with pytest.raises(ToolError, match=r"tool definitions of MCP server 'fix' changed.*disabled until you approve"):
+        with pytest.raises(ToolError, match=r"tool definitions of MCP server 'fix' changed .*echo: description changed.*disabled until you approve"):
             tools["fix_echo"].invoke({"text": "hi"})  # the first call starts it and sees the change
         with pytest.raises(ToolError, match="disabled"):
             tools["fix_echo"].invoke({"text": "hi"})
@@ -101,16 +101,38 @@ def test_a_poisoned_description_reaches_the_model_as_data(tmp_path):
         tools[0].close()
 
 
+def servers_running(marker):
+    """Fixture server processes whose environment holds `marker` (their description file's path)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if FIXTURE.encode() in Path(f"/proc/{pid}/cmdline").read_bytes() and marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 def test_crashes_hangs_and_missing_commands_are_one_readable_error(tmp_path):
-    spec, _ = fixture(tmp_path, timeout=2)
+    import time
+
+    spec, desc = fixture(tmp_path, timeout=2)
     tools = {t.name: t for t in connect(spec, tmp_path)}
     try:
-        with pytest.raises(ToolError, match="did not answer within 2 s"):
+        with pytest.raises(ToolError, match="did not answer within 2 s; the server was stopped"):
             tools["fix_hang"].invoke({})
+        assert tools["fix_echo"].invoke({"text": "after the hang"}) == "after the hang"  # a fresh server
         with pytest.raises(ToolError, match="fix"):
             tools["fix_crash"].invoke({})
+        assert tools["fix_echo"].invoke({"text": "after the crash"}) == "after the crash"
+        assert len(servers_running(str(desc))) == 1  # the hung one was stopped, the crashed one is gone
     finally:
         next(t.close for t in tools.values() if t.close)()
+    for _ in range(50):
+        if not servers_running(str(desc)):
+            break
+        time.sleep(0.1)
+    assert servers_running(str(desc)) == []  # closed with its tools
     with pytest.raises(ValueError, match="command 'no-such-mcp-server' not found"):
         Config.model_validate({"tools": {"mcp": [{"name": "x", "command": ["no-such-mcp-server"]}]}})
     task = tmp_path / "task.yaml"

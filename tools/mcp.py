@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from llmos.grammar import GrammarError, tool_call_grammar
 from llmos.toolbox import Tool, ToolError
 
 START_TIMEOUT = 30.0
@@ -121,13 +122,16 @@ class Server:
         if self.loop is None or self.client is None:
             raise ToolError(f"MCP server {self.spec.name!r} is not running")
         future = asyncio.run_coroutine_threadsafe(self.client.call_tool(name, dict(arguments)), self.loop)
+        again = "; the server was stopped and starts again on the next call"
         try:
             result = future.result(self.spec.timeout)
         except TimeoutError:
             future.cancel()
-            raise ToolError(f"MCP server {self.spec.name!r}: {name} did not answer within {self.spec.timeout:g} s") from None
+            self.restart()
+            raise ToolError(f"MCP server {self.spec.name!r}: {name} did not answer within {self.spec.timeout:g} s{again}") from None
         except Exception as exc:  # noqa: BLE001 - the server crashed, or sent something unreadable
-            raise ToolError(f"MCP server {self.spec.name!r}: {name} failed: {_why(exc)}") from None
+            self.restart()
+            raise ToolError(f"MCP server {self.spec.name!r}: {name} failed: {_why(exc)}{again}") from None
         texts = [getattr(c, "text", None) for c in result.content or ()]
         text = "\n".join(t for t in texts if isinstance(t, str))
         if not text and result.structured_content is not None:
@@ -135,6 +139,13 @@ class Server:
         if result.is_error:
             raise ToolError(f"MCP server {self.spec.name!r}: {name}: {text or 'error'}")
         return text or "(no content)"
+
+    def restart(self) -> None:
+        """Stop the server (its process ends with the session) so that the next call starts a fresh one."""
+        self.close()
+        with self._lock:
+            self.loop, self.client, self.tools, self._thread, self._error = None, None, [], None, None
+            self._ready = threading.Event()
 
     def close(self) -> None:
         if self.loop is not None and self._stop is not None and not self.loop.is_closed():
@@ -186,11 +197,22 @@ class _Trust:
         self.cached = entry.get("tools") if isinstance(entry, dict) and isinstance(entry.get("tools"), list) else None
         self.refused: str | None = None
 
+    def changes(self, defs: list[dict[str, Any]]) -> str:
+        """What changed against the recorded definitions, in words."""
+        old = {d.get("name"): d for d in self.cached or () if isinstance(d, dict)}
+        new = {d["name"]: d for d in defs}
+        parts = [f"new tool {n}" for n in new if n not in old] + [f"tool {n} removed" for n in old if n not in new]
+        for n in new.keys() & old.keys():
+            for field in ("description", "input_schema", "read_only"):
+                if new[n].get(field) != old[n].get(field):
+                    parts.append(f"{n}: {field.replace('_', ' ')} changed")
+        return ", ".join(sorted(parts)) or "definitions changed"
+
     def check(self, defs: list[dict[str, Any]]) -> None:
         digest = definitions_hash(defs)
         if self.known is not None and digest != self.known:
             why = (f"the tool definitions of MCP server {self.spec.name!r} changed since they were approved "
-                   f"({self.known[:12]} -> {digest[:12]})")
+                   f"({self.changes(defs) if self.cached is not None else f'{self.known[:12]} -> {digest[:12]}'})")
             if self.approve is None or not self.approve(self.spec.name, why):
                 self.refused = (f"{why}; its tools are disabled until you approve them again "
                                 f"(in the shell, or delete its entry in {self.home / 'mcp.json'})")
@@ -236,6 +258,11 @@ def connect(spec: Any, home: Path, approve: Callable[[str, str], bool] | None = 
         if schema.get("type", "object") != "object":
             server.close()
             raise ToolError(f"MCP server {spec.name!r}: tool {d['name']!r} has an input schema that is not an object")
+        try:
+            tool_call_grammar([(_name(spec.name, d["name"]), schema)], "required")  # a schema the grammar cannot take fails here
+        except (GrammarError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            server.close()
+            raise ToolError(f"MCP server {spec.name!r}: tool {d['name']!r} has an input schema llmos cannot turn into a grammar ({str(exc)[:120]})") from None
         description = as_data(" ".join(str(d["description"]).split())[:600]) or d["name"]
         tools.append(Tool(
             name=_name(spec.name, d["name"]),
