@@ -180,13 +180,14 @@ def spans(request: str) -> list[str]:
     return list(out)
 
 
-def _leaves(value: Any) -> Iterable[Any]:
+def leaves(value: Any) -> Iterable[Any]:
+    """The scalar values inside nested mappings and lists."""
     if isinstance(value, Mapping):
         for v in value.values():
-            yield from _leaves(v)
+            yield from leaves(v)
     elif isinstance(value, (list, tuple)):
         for v in value:
-            yield from _leaves(v)
+            yield from leaves(v)
     else:
         yield value
 
@@ -306,7 +307,7 @@ def grounded(arguments: Mapping[str, Any], request: str) -> float:
     stated = numbers_in(request) + percents(request) + list(scaled(request).values())
     text = request.lower()
     claims = found = 0
-    for value in _leaves(arguments):
+    for value in leaves(arguments):
         if isinstance(value, bool) or value is None:
             continue
         if isinstance(value, (int, float)):
@@ -328,7 +329,7 @@ def coverage(arguments: Mapping[str, Any], request: str) -> float:
     if not stated:
         return 1.0
     carried = set()
-    for value in _leaves(arguments):
+    for value in leaves(arguments):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             carried.add(float(value))
         elif isinstance(value, str):

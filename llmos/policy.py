@@ -22,12 +22,12 @@ The contract of `Policy.check(call, tool, window)`:
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
+from llmos.decide import leaves
 from llmos.messages import Message, ToolCall
 
 # What a call can do beyond reading. A tool declares a tuple of these (() = read-only), or a
@@ -99,7 +99,7 @@ class Window:
     @classmethod
     def of(cls, messages: Sequence[Message]) -> "Window":
         trusted, untrusted, request, pages = [], [], "", {}
-        for i, m in enumerate(messages):
+        for m in messages:
             own = m.meta.get("user_text")
             if m.meta.get("untrusted"):
                 untrusted.append((str(m.meta.get("source") or m.role), m.content))
@@ -142,21 +142,6 @@ class _Text:
             return True
         bare = re.sub(r"^[a-z]+://", "", v)
         return bare != v and bare in self.lower
-
-
-def _strings(value: Any) -> Iterable[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, bool) or value is None:
-        return
-    elif isinstance(value, (int, float)):
-        yield repr(value) if isinstance(value, float) else str(value)
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _strings(v)
 
 
 def places(text: str) -> list[str]:
@@ -271,7 +256,8 @@ class Policy:
         trusted = _Text(window.trusted)
         raw = "\n".join(text for _, text in window.untrusted)
         outside = _Text(raw + "\n" + _decoded(raw))
-        values = [s for s in _strings(dict(call.arguments))]
+        values = [repr(v) if isinstance(v, float) else str(v) for v in leaves(dict(call.arguments))
+                  if v is not None and not isinstance(v, bool)]
         if "instructs" in effects:
             unknown = self._ungrounded(values, trusted, tool)
             if unknown:
@@ -402,8 +388,3 @@ def control_pattern(strings: Iterable[str]) -> re.Pattern | None:
     """One regular expression for a vocabulary's control-token strings (longest first)."""
     keep = sorted({s for s in strings if len(s) >= 2 and not s.isspace()}, key=len, reverse=True)
     return re.compile("|".join(re.escape(s) for s in keep)) if keep else None
-
-
-def verdicts_json(messages: Iterable[Message]) -> list[dict[str, Any]]:
-    """The policy decisions among messages, as result.json lists them."""
-    return [json.loads(json.dumps(dict(m.meta), default=str)) for m in messages if m.meta.get("event") == "policy"]

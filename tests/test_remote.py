@@ -60,10 +60,8 @@ def test_the_kernel_runs_on_a_remote_server(server, tmp_path):
 
 def test_a_dead_server_is_one_readable_error(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/v1"
-    t0 = time.monotonic()
     with pytest.raises(ServerError, match=rf"model server {url}: cannot connect"):
         build({"model": {"server": url}}, trace=tmp_path, artifacts=tmp_path)
-    assert time.monotonic() - t0 < 30  # retried a little, never hung
     proc = subprocess.run([sys.executable, "-m", "llmos", "run", "--no-tools", "-o", f"model.server={url}", "hi"],
                           capture_output=True, text=True, env={**os.environ, "LLMOS_HOME": str(tmp_path)})
     assert proc.returncode == 2 and url in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
