@@ -5,7 +5,7 @@
 switch_cost     restoring an agent's saved KV state (from RAM, and from disk after a spill) vs
                 re-prefilling its context, at ~1k and ~4k tokens
 throughput      4 agents whose every step waits ~1 s on a tool: run concurrently (threads, one
-                scheduler, one model) vs one after another (target >= 2x); model_s is the time
+                scheduler, one model of one slot: turns one at a time) vs one after another (target >= 2x); model_s is the time
                 the model spent on their turns (the bound: speedup <= total / model time)
 parallel_tools  k independent calls in one turn take about the longest, not the sum
 """
@@ -36,28 +36,27 @@ def wait_for_data(seconds: float = 1.0) -> str:
 def switch_cost(backend: LlamaBackend, tokens: int, spill: Path) -> dict:
     text = ("The keeper climbed the stairs and lit the lamp. " * (tokens // 10))[: tokens * 5]
     messages = [Message("user", text)]
-    prompt = backend._tokens_for(backend.render(messages, []))
-    backend._context = backend.kv.switch("x", backend._context)
-    backend.llm.n_tokens = 0
+    prompt = backend.tokenize(backend.render(messages, []))
+    backend.reset()
+    slot = backend._slots[0]
     t0 = time.perf_counter()
-    backend.llm.eval(prompt)
+    backend.batcher.step(slot, prompt, lambda row: None)
     prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
-    state = backend.kv.save(backend._context)
+    state = backend.kv.save(slot)
     save = time.perf_counter() - t0
-    backend.llm.n_tokens = 0
     t0 = time.perf_counter()
-    ok = backend.kv.load(state)
+    ok = backend.kv.load(slot, state)
     restore = time.perf_counter() - t0
     # the same state spilled to disk (what happens beyond model.kv_ram_mb), then restored from the file
     t0 = time.perf_counter()
     state.spill(spill, f"x{tokens}")
     spill_s = time.perf_counter() - t0
-    backend.llm.n_tokens = 0
     t0 = time.perf_counter()
-    ok_disk = backend.kv.load(state)
+    ok_disk = backend.kv.load(slot, state)
     restore_disk = time.perf_counter() - t0
     state.drop()
+    backend.reset()
     return {"context_tokens": len(prompt), "prefill_s": round(prefill, 3), "save_s": round(save, 4),
             "restore_s": round(restore, 4), "restore_ok": ok, "state_bytes": state.size,
             "restore_over_prefill": round(restore / prefill, 4), "target": 0.02,
@@ -78,7 +77,7 @@ def throughput(backend: LlamaBackend, tmp: Path) -> dict:
     t0 = time.perf_counter()
     alone = [agent(i) for i in range(4)]
     sequential = time.perf_counter() - t0
-    scheduler = Scheduler()
+    scheduler = Scheduler(slots=backend.slots)
     together: list[dict] = []
     t0 = time.perf_counter()
     threads = [threading.Thread(target=lambda i=i: together.append(agent(10 + i, scheduler))) for i in range(4)]
@@ -104,7 +103,7 @@ def parallel_tools() -> dict:
 
 
 def main() -> None:
-    backend = LlamaBackend(ModelConfig(gpu_layers=0, n_ctx=8192), Sampling(max_tokens=48))
+    backend = LlamaBackend(ModelConfig(gpu_layers=0, n_ctx=8192, parallel=1), Sampling(max_tokens=48))
     with tempfile.TemporaryDirectory() as tmp:
         result = {
             "switch_cost": [switch_cost(backend, 1000, Path(tmp)), switch_cost(backend, 4000, Path(tmp))],

@@ -92,6 +92,7 @@ def grammar_tax(backend: LlamaBackend, rounds: int) -> dict:
         # stock llama-cpp-python: the same grammar through create_completion's grammar sampler
         backend.llm.reset()
         n, secs = timed_stream(backend.llm.create_completion(prompt, max_tokens=c["generated_tokens"], temperature=0.0, stream=True, grammar=grammar))
+        backend.reset()  # the stock path left its own cells behind
         stock.append((n - 1) / secs)
     return {
         "constrained_tps": max(constrained), "unconstrained_tps": max(free),
@@ -105,7 +106,7 @@ def grammar_tax(backend: LlamaBackend, rounds: int) -> dict:
 def prefix_reuse(backend: LlamaBackend, steps: int) -> dict:
     tools = [lookup, calculator]
     messages = [Message("user", "Research the history of the lighthouse step by step, one lookup at a time.")]
-    backend.llm.reset()
+    backend.reset()
     rows = []
     prev = None
     for step in range(1, steps + 1):
@@ -123,6 +124,7 @@ def prefix_reuse(backend: LlamaBackend, steps: int) -> dict:
     ratio = sum(r["evaluated"] for r in later) / max(1, sum(r["appended"] for r in later))
     # the same last prompt with nothing cached
     last_prompt = backend.tokenize(backend.render(messages, tools))
+    backend.reset()
     backend.llm.reset()
     t0 = time.perf_counter()
     backend.llm.eval(last_prompt)

@@ -19,7 +19,7 @@ class ContextFull(RuntimeError):
 
 
 class Backend(Protocol):
-    """A model, shared by any number of agents; one turn at a time.
+    """A model, shared by any number of agents; up to `slots` turns at a time.
 
     n_ctx: the context window in tokens; prompts and replies together must fit in it.
 
@@ -28,9 +28,13 @@ class Backend(Protocol):
 
     notes: one-line notices a front door shows once the model is ready (e.g. why the GPU is not
     used); empty when there is nothing to say.
+
+    slots: how many turns may run at once (turn() is thread-safe and waits when all are taken);
+    the scheduler admits that many agents. A backend without it counts as 1.
     """
 
     n_ctx: int
+    slots: int
     name: str
     notes: tuple[str, ...]
 

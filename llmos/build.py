@@ -58,7 +58,7 @@ class Resources:
 
     def scheduler(self, backend: Any) -> Scheduler:
         if id(backend) not in self.schedulers:
-            sched = Scheduler()
+            sched = Scheduler(slots=getattr(backend, "slots", 1))
             self.schedulers[id(backend)] = self.publisher.watch(sched) if self.publisher is not None else sched
         return self.schedulers[id(backend)]
 

@@ -43,6 +43,14 @@ class ModelConfig(Section):
     # Saved KV states of agents that share the model stay in RAM up to this many MB; beyond it the
     # least recently used go to disk. None: a quarter of the memory available when the model loads.
     kv_ram_mb: Optional[int] = Field(None, ge=0)
+    # Turns decoded at once: in-process, agents ready together decode in one llama.cpp batch, each
+    # in its own sequence of n_ctx tokens; with a server, requests sent to it at once.
+    # 0: in-process up to 4 as memory allows, 1 with a server.
+    parallel: int = Field(0, ge=0, le=64)
+    # In-process, with parallel > 1: one KV buffer for all sequences (llama.cpp's kv_unified).
+    # Batches of short conversations decode faster; long ones slower (attention spans every
+    # sequence's cells). False: each sequence its own n_ctx cells.
+    kv_unified: bool = False
     # An OpenAI-compatible model server (llama.cpp's, llama-cpp-python's, vLLM) instead of a GGUF
     # in this process, e.g. http://127.0.0.1:8000/v1; path, gpu_layers, threads then do not apply.
     server: Optional[str] = None

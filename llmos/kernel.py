@@ -47,7 +47,7 @@ class Kernel:
         self.trace = trace if isinstance(trace, Trace) else Trace.at(trace)
         self.name = self.config.agent.name or self.trace.path.stem
         self.key = f"{self.name}#{uuid.uuid4().hex[:8]}"  # backends keep one cached context per key
-        self.scheduler = scheduler or Scheduler()
+        self.scheduler = scheduler or Scheduler(slots=getattr(backend, "slots", 1))
         budget = self.config.budget
         self.process = self.scheduler.spawn(self.name, priority=self.config.agent.priority, max_steps=budget.steps,
                                             max_tokens=budget.tokens, max_seconds=budget.seconds)

@@ -1,7 +1,7 @@
 """The KV caches of agents that share one loaded model.
 
-One llama.cpp context holds one agent's cells at a time (the owner's). When another agent takes the
-model, the owner's cells are saved with llama.cpp's per-sequence state calls, which copy only the
+Each sequence (slot) of the llama.cpp context holds one agent's cells at a time (its owner's). When
+another agent takes the slot, the owner's cells are saved with llama.cpp's per-sequence state calls, which copy only the
 used cells (~24 MB at 1k tokens for the default model), and the newcomer's are restored, so neither
 re-reads its context. Saved states stay in RAM up to a budget; beyond it the least recently used
 go to a temporary folder and are read back from there.
@@ -48,61 +48,62 @@ class _SavedState:
 
 
 class KVStates:
-    """The saved KV states of the agents sharing `llm` (a llama_cpp.Llama), RAM first, then disk.
+    """The saved KV states of the agents sharing one llama.cpp context, RAM first, then disk.
 
-    Not thread-safe: the backend calls it under its own lock. `ram` is the budget in bytes for
-    states kept in memory; `folder` is created when a state first goes to disk.
+    The context has one or more sequences (slots, each with `seq`, `ids`: the tokens in its cells,
+    `owner` and `context`). Not thread-safe: the backend calls it under its own lock. `ctx` gives
+    the llama_context; `ram` is the budget in bytes for states kept in memory; `folder` is created
+    when a state first goes to disk.
     """
 
-    def __init__(self, llm: Any, ram: int) -> None:
+    def __init__(self, ctx: Any, ram: int) -> None:
         import llama_cpp
 
-        self.lc, self.llm, self.ram = llama_cpp, llm, ram
-        self.owner: str | None = None  # the agent whose conversation is in the KV cache
+        self.lc, self.ctx, self.ram = llama_cpp, ctx, ram
         self._saved: dict[str, _SavedState] = {}  # other agents' states, least recently used first
         self.folder: Path | None = None
         self.switches = 0
         self.spilled = 0  # states written to disk so far
 
-    def switch(self, agent: str, context: Context) -> Context:
-        """Give the KV cache to `agent`: save the owner's cells (whose cache holds `context`) and
-        restore `agent`'s. Returns what the cache now holds for `agent`: its saved context, or an
-        empty one for a new agent (which keeps the cells: they share the system prompt and tools
-        prefix) and after a failed restore (its prompt is then evaluated from scratch)."""
-        if agent == self.owner:
-            return context
-        if self.owner is not None and self.llm.n_tokens > 0:
-            self._saved[self.owner] = self.save(context)
+    def __contains__(self, agent: str) -> bool:
+        return agent in self._saved
+
+    def switch(self, slot: Any, agent: str) -> None:
+        """Give `slot` to `agent`: save the owner's cells and restore `agent`'s. slot.context is
+        then what the cells hold for `agent`: its saved context, or an empty one for a new agent
+        (which keeps the cells: they share the system prompt and tools prefix) and after a failed
+        restore (its prompt is then evaluated from scratch)."""
+        if agent == slot.owner:
+            return
+        if slot.owner is not None and slot.ids:
+            self._saved[slot.owner] = self.save(slot)
             self._spill()
         state = self._saved.pop(agent, None)
-        self.owner = agent
+        slot.owner, slot.context = agent, ("", [])
         self.switches += 1
         if state is None:
-            return ("", [])
-        ok = self.load(state)
+            return
+        if self.load(slot, state):
+            slot.context = state.context
         state.drop()
-        if not ok:
-            self.llm.n_tokens = 0
-            return ("", [])
-        return state.context
 
-    def save(self, context: Context) -> _SavedState:
-        """The cells now in the cache (sequence 0), with the tokens and `context` they hold."""
-        ctx = self.llm._ctx.ctx
-        size = self.lc.llama_state_seq_get_size(ctx, 0)
+    def save(self, slot: Any) -> _SavedState:
+        """The cells of the slot's sequence, with the tokens and the context they hold."""
+        ctx = self.ctx()
+        size = self.lc.llama_state_seq_get_size(ctx, slot.seq)
         buf = (ctypes.c_uint8 * size)()
-        written = self.lc.llama_state_seq_get_data(ctx, buf, size, 0)
-        n = self.llm.n_tokens
-        return _SavedState(buf, written, self.llm.input_ids[:n].copy(), context)
+        written = self.lc.llama_state_seq_get_data(ctx, buf, size, slot.seq)
+        return _SavedState(buf, written, list(slot.ids), slot.context)
 
-    def load(self, state: _SavedState) -> bool:
-        """Replace the cache's cells with `state`'s; False (and an empty cache) if llama.cpp refuses."""
-        self.llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-        if not state.size or not self.lc.llama_state_seq_set_data(self.llm._ctx.ctx, state.bytes(), state.size, 0):
+    def load(self, slot: Any, state: _SavedState) -> bool:
+        """Replace the slot's cells with `state`'s; False (and empty cells) if llama.cpp refuses."""
+        ctx = self.ctx()
+        self.lc.llama_memory_seq_rm(self.lc.llama_get_memory(ctx), slot.seq, 0, -1)
+        slot.ids = []
+        if not state.size or not self.lc.llama_state_seq_set_data(ctx, state.bytes(), state.size, slot.seq):
+            self.lc.llama_memory_seq_rm(self.lc.llama_get_memory(ctx), slot.seq, 0, -1)
             return False
-        n = len(state.ids)
-        self.llm.input_ids[:n] = state.ids
-        self.llm.n_tokens = n
+        slot.ids = list(state.ids)
         return True
 
     def _spill(self) -> None:
@@ -122,8 +123,6 @@ class KVStates:
         state = self._saved.pop(agent, None)
         if state is not None:
             state.drop()
-        if self.owner == agent:
-            self.owner = None  # its cells stay as a prefix the next agent may share
 
     def close(self) -> None:
         """Drop every saved state and the spill folder; safe to call twice."""

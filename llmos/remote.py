@@ -51,6 +51,7 @@ class RemoteBackend:
         self.sampling = sampling or Sampling()
         self.client = httpx.Client(timeout=httpx.Timeout(model.server_timeout, connect=5.0))
         self.notes: tuple[str, ...] = ()
+        self.slots = model.parallel or 1  # requests sent to the server at once (it batches them)
         self._native = False  # the server refused `grammar`: use its own tool calls
         listed = self._request("GET", "/models").get("data") or [{}]
         self.model_id = str(listed[0].get("id") or "default")

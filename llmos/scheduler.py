@@ -1,11 +1,12 @@
 """The scheduler: agents as processes that share one model.
 
 Every agent (a Kernel) has a Process in a Scheduler's table: an id, a name, a priority, a state,
-budgets and what it has used. The model is a single slot. Before each turn an agent asks for it;
-the ready agent with the highest priority gets it, and agents of equal priority take it in the
-order they became ready, so an agent that just decoded queues behind the others (round-robin).
-Turns are not preempted (a turn is bounded by the model's max_tokens). Tool calls run outside the
-slot: while one agent waits for a browser page, another decodes.
+budgets and what it has used. The model has `slots` (the backend's: 1, or the sequences it decodes
+together in shared batches). Before each turn an agent asks for one; the ready agent with the
+highest priority gets it, and agents of equal priority take it in the order they became ready, so
+an agent that just decoded queues behind the others (round-robin). Turns are not preempted (a turn
+is bounded by the model's max_tokens). Tool calls run outside the slot: while one agent waits for a
+browser page, another decodes.
 """
 
 from __future__ import annotations
@@ -78,17 +79,18 @@ class Process:
 
 
 class Scheduler:
-    """The process table and the model slot. Thread-safe; one per loaded model.
+    """The process table and the model's slots. Thread-safe; one per loaded model.
 
     on_change, if given, is called with the table's rows after every change (e.g. to publish
     them for `llmos ps`); it runs under the scheduler's lock, so it must be quick.
     """
 
-    def __init__(self, on_change: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+    def __init__(self, on_change: Callable[[list[dict[str, Any]]], None] | None = None, slots: int = 1) -> None:
         self._cond = threading.Condition()
         self._tickets = itertools.count(1)
         self._table: dict[int, Process] = {}
-        self._holder: Process | None = None
+        self._holders: set[int] = set()  # pids of the agents decoding now
+        self.slots = max(1, slots)
         self.on_change = on_change
 
     # ---- the table -----------------------------------------------------------------------------
@@ -161,27 +163,27 @@ class Scheduler:
                 proc.stop.set()
             self._cond.notify_all()
 
-    # ---- the model slot ------------------------------------------------------------------------
+    # ---- the model's slots ------------------------------------------------------------------------
     def _first_ready(self) -> Process | None:
         ready = [p for p in self._table.values() if p.state == "ready" and not p.paused]
         return min(ready, key=lambda p: (-p.priority, p.ticket), default=None)
 
     @contextmanager
     def turn(self, proc: Process) -> Iterator[None]:
-        """Hold the model for one turn. Waits while other agents decode, while higher-priority or
+        """Hold a model slot for one turn. Waits while all slots are held, while higher-priority or
         earlier-queued agents are ready, and while this one is paused. A stop request while
         waiting raises Stopped, as a stop during the turn does in the kernel."""
         with self._cond:
             proc.state, proc.ticket = "ready", next(self._tickets)
             self._changed()
-            while not (self._holder is None and self._first_ready() is proc):
+            while not (len(self._holders) < self.slots and self._first_ready() is proc):
                 if proc.stop.is_set():
                     proc.state = "stopped"
                     self._changed()
                     self._cond.notify_all()
                     raise Stopped(proc.name)
                 self._cond.wait(0.25)  # a stop set directly on the event is noticed within this
-            self._holder = proc
+            self._holders.add(proc.pid)
             proc.state = "running"
             proc.turns += 1
             self._changed()
@@ -189,7 +191,7 @@ class Scheduler:
             yield
         finally:
             with self._cond:
-                self._holder = None
+                self._holders.discard(proc.pid)
                 if proc.state == "running":
                     proc.state = "waiting"  # until the kernel says what it does next
                 self._changed()

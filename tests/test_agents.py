@@ -29,7 +29,8 @@ def test_output_is_identical_alone_and_interleaved(tmp_path):
         expected_a = answers(Kernel(alone, trace=tmp_path, config={"agent": {"name": "a"}, "sampling": {"max_tokens": 40}}), PROMPTS_A)
     finally:
         alone.close()
-    shared = new_backend(kv_ram_mb=0)  # no RAM for saved states: every switch goes through disk
+    # one sequence, no RAM for saved states: every switch goes through disk
+    shared = new_backend(kv_ram_mb=0, parallel=1)
     try:
         a = Kernel(shared, trace=tmp_path, config={"agent": {"name": "a"}, "sampling": {"max_tokens": 40}})
         b = Kernel(shared, trace=tmp_path, config={"agent": {"name": "b"}, "sampling": {"max_tokens": 40}})
@@ -53,7 +54,7 @@ def test_output_is_identical_alone_and_interleaved(tmp_path):
 def test_agents_in_threads_share_the_model_and_tools_run_meanwhile(tmp_path):
     shared = new_backend()
     try:
-        sched = Scheduler()
+        sched = Scheduler(slots=shared.slots)
         kernels = [Kernel(shared, tools=[load_builtin("calculator")], trace=tmp_path, config={"agent": {"name": f"agent{i}"}, "sampling": {"max_tokens": 40}}, scheduler=sched)
                    for i in range(3)]
         results = {}
@@ -74,8 +75,65 @@ def test_agents_in_threads_share_the_model_and_tools_run_meanwhile(tmp_path):
         rows = sched.ps()
         # a forced call is written by the model (only a call the router chose is read from the request)
         assert [r["state"] for r in rows] == ["done"] * 3 and all(r["turns"] >= 2 and r["tokens"] > 0 for r in rows)
+        assert shared.slots >= 3 and shared.batcher.shared_decodes > 0  # ready at once: decoded in shared batches
     finally:
         shared.close()
+
+
+QUESTIONS = ["Name three colours.", "What is the capital of France?", "Tell me about dogs.", "Write a haiku about snow."]
+
+
+def turn_text(backend, agent, question, out):
+    from llmos.messages import Message
+
+    for m in backend.turn([Message("user", question)], [], "none", agent=agent, sampling=Sampling(max_tokens=40)):
+        if not m.is_delta:
+            out[agent] = (m.content, m.meta["stats"])
+
+
+def test_turns_decoded_together_in_one_batch_give_what_each_gives_alone():
+    backend = new_backend(parallel=4)
+    try:
+        alone, together = {}, {}
+        for i, q in enumerate(QUESTIONS):
+            turn_text(backend, f"alone{i}", q, alone)
+        assert backend.batcher.shared_decodes == 0
+        threads = [threading.Thread(target=turn_text, args=(backend, f"together{i}", q, together)) for i, q in enumerate(QUESTIONS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert backend.batcher.most >= 2 and backend.batcher.shared_decodes > 0
+        assert sum(s["batched_steps"] for _, s in together.values()) > 0
+        for i in range(len(QUESTIONS)):  # greedy: each sequence sees only its own cells
+            assert together[f"together{i}"][0] == alone[f"alone{i}"][0], QUESTIONS[i]
+        # a conversation continued in its sequence reuses its cells
+        for t in [threading.Thread(target=turn_text, args=(backend, f"together{i}", q, together)) for i, q in enumerate(QUESTIONS)]:
+            t.start()
+            t.join(timeout=120)
+        assert all(s["cached_tokens"] >= s["prompt_tokens"] - 1 for _, s in together.values())
+    finally:
+        backend.close()
+    backend.close()  # twice is safe
+
+
+def test_a_sequence_is_given_to_another_agent_only_when_all_are_taken(tmp_path):
+    backend = new_backend(parallel=2)
+    try:
+        out = {}
+        turn_text(backend, "a", "Name three colours.", out)
+        turn_text(backend, "b", "Name three colours.", out)
+        first_b = out["b"][1]
+        turn_text(backend, "a", "Name three colours.", out)
+        turn_text(backend, "b", "Name three colours.", out)
+        assert backend.switches == 2  # a and b each took a sequence once, and kept it
+        turn_text(backend, "c", "Name three colours.", out)  # a third: one of them is saved
+        assert backend.switches == 3
+        turn_text(backend, "a", "Name three colours.", out)
+        assert out["a"][1]["cached_tokens"] >= out["a"][1]["prompt_tokens"] - 1  # restored, not re-read
+        assert first_b["cached_tokens"] > 0  # b's sequence started as a copy of a's common prefix
+    finally:
+        backend.close()
 
 
 def test_tasks_share_a_model_when_only_sampling_differs(tmp_path):

@@ -284,3 +284,22 @@ def test_ps_drops_tables_of_processes_that_died_or_were_replaced(tmp_path, monke
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_model_of_two_slots_is_held_by_two_agents_and_the_third_waits_its_turn_by_priority():
+    sched = Scheduler(slots=2)
+    first, second = sched.spawn("first"), sched.spawn("second")
+    low, high = sched.spawn("low"), sched.spawn("high", priority=3)
+    order = []
+    with sched.turn(first):
+        with sched.turn(second):  # a second slot: it does not wait for the first
+            assert [r["state"] for r in sched.ps()][:2] == ["running", "running"]
+            threads = queue_for_turns(sched, [low, high], order)
+            for t, p in zip(threads, [low, high]):
+                t.start()
+                wait_until(lambda: p.state == "ready", f"{p.name} ready")
+            assert order == [] and low.state == high.state == "ready"  # both slots are held
+        wait_until(lambda: len(order) >= 1, "a freed slot")
+        assert order[0] == "high"  # the higher priority gets the freed slot, though low queued first
+    wait_until(lambda: len(order) == 2, "both turns")
+    assert order == ["high", "low"]
