@@ -6,6 +6,10 @@ concurrency    N different conversations at once (1, 2, 4) against the same N on
                aggregate completion tokens/s of each and their ratio (in-process decoding is one
                sequence at a time: expect about 1; a batching server behind model.server is how
                this grows)
+               (with model.parallel, in-process turns ready at once share decode batches)
+http_vs_in_process  the same streamed answers in this process (LlamaBackend.turn) and through
+               `llmos serve` with the openai client: time to first token and tokens/s after it,
+               best of 3 fresh prompts each (target: HTTP >= 0.9x in-process)
 
     .venv/bin/python benchmarks/serve.py [--tokens 48]
 """
@@ -34,12 +38,59 @@ def start(home: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit("llmos serve did not start")
 
 
+def story(i: int) -> list[dict]:
+    return [{"role": "system", "content": f"You are storyteller number {i}."}, {"role": "user", "content": f"Tell story {i} about a fox."}]
+
+
+def in_process(tokens: int) -> dict:
+    from llmos.config import Sampling
+    from llmos.llama import LlamaBackend
+    from llmos.messages import Message
+
+    backend = LlamaBackend()
+    ttft, tps = [], []
+    try:
+        for i in range(3):
+            t0 = time.perf_counter()
+            first, n = None, 0
+            for m in backend.turn([Message(d["role"], d["content"]) for d in story(900 + i)], [], "none", agent=f"b{i}",
+                                  sampling=Sampling(max_tokens=tokens, temperature=0.0)):
+                if m.is_delta and first is None:
+                    first = time.perf_counter()
+                elif not m.is_delta:
+                    n = m.meta["stats"]["generated_tokens"]
+            end = time.perf_counter()
+            ttft.append(first - t0)
+            tps.append((n - 1) / (end - first))
+    finally:
+        backend.close()
+    return {"ttft_s": round(min(ttft), 4), "tps": round(max(tps), 1)}
+
+
+def over_http(client, tokens: int) -> dict:  # noqa: ANN001
+    ttft, tps = [], []
+    for i in range(3):
+        t0 = time.perf_counter()
+        first, n = None, 0
+        for chunk in client.chat.completions.create(model="m", messages=story(950 + i), max_tokens=tokens, temperature=0.0,
+                                                    stream=True, stream_options={"include_usage": True}):
+            if chunk.choices and chunk.choices[0].delta.content and first is None:
+                first = time.perf_counter()
+            if chunk.usage is not None:
+                n = chunk.usage.completion_tokens
+        end = time.perf_counter()
+        ttft.append(first - t0)
+        tps.append((n - 1) / (end - first))
+    return {"ttft_s": round(min(ttft), 4), "tps": round(max(tps), 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=48, help="max_tokens per request")
     args = parser.parse_args()
     from openai import OpenAI
 
+    local = in_process(args.tokens)  # before the server starts: the two never share the cores
     with tempfile.TemporaryDirectory() as home:
         proc, url = start(home)
         client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
@@ -59,6 +110,7 @@ def main() -> None:
                     {"role": "user", "content": f"Tell story {i} about a fox."}])
                 out.append(r.usage.completion_tokens)
 
+            http = over_http(client, args.tokens)
             runs = {}
             for n in (1, 2, 4):
                 done: list = []
@@ -79,7 +131,9 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-    print(json.dumps({"prefix_reuse": reuse, "concurrency": runs, "max_tokens": args.tokens}, indent=2))
+    compare = {"in_process": local, "http": http, "ttft_ratio": round(local["ttft_s"] / http["ttft_s"], 3),
+               "tps_ratio": round(http["tps"] / local["tps"], 3), "target": 0.9}
+    print(json.dumps({"prefix_reuse": reuse, "concurrency": runs, "http_vs_in_process": compare, "max_tokens": args.tokens}, indent=2))
 
 
 if __name__ == "__main__":

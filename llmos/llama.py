@@ -227,6 +227,10 @@ class LlamaBackend:
         self.n_ctx = model.n_ctx or min(trained, 8192)
         self.slots = model.parallel or auto_slots(info, self.n_ctx, available_memory())
         self.gpu_layers, self.plan = resolve_gpu_layers(model.gpu_layers, info, self.n_ctx * self.slots)
+        if not model.parallel and self.slots > 1 and self.plan is not None:
+            alone = resolve_gpu_layers(model.gpu_layers, info, self.n_ctx)
+            if alone[0] > self.gpu_layers:  # the GPU fits more layers with one sequence: layers first
+                self.slots, (self.gpu_layers, self.plan) = 1, alone
         self.name = f"{info.name} ({info.architecture}, {info.n_params / 1e6:.0f}M parameters, {info.quantization}) — {path}"
         # the GPU plan fell back to CPU: say why (a front door prints it once the model is ready)
         self.notes: tuple[str, ...] = (f"gpu: {self.plan.reason}",) if self.plan is not None and self.plan.n_gpu_layers == 0 else ()
@@ -237,14 +241,14 @@ class LlamaBackend:
         threads = model.threads or available_cores()
         try:
             self.llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=self.n_ctx * self.slots, n_gpu_layers=self.gpu_layers, n_threads=threads,
+                model_path=str(path), n_ctx=self.n_ctx, n_gpu_layers=self.gpu_layers, n_threads=threads,
                 n_threads_batch=threads, seed=sampling.seed, verbose=False,
             )
             if self.slots > 1:  # Llama makes a one-sequence context: remake it with a sequence per slot
                 from llama_cpp import _internals
 
                 params = self.llm.context_params
-                params.n_seq_max, params.kv_unified = self.slots, model.kv_unified
+                params.n_ctx, params.n_seq_max, params.kv_unified = self.n_ctx * self.slots, self.slots, model.kv_unified
                 self.llm._ctx.close()
                 self.llm._ctx = _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
                 self.llm._stack.callback(self.llm._ctx.close)

@@ -69,6 +69,8 @@ CASES = {
     "model.threads": (1, {}, lambda k, r, *a: r.models[-1].threads),
     "model.chat_template": ("{{ messages }}", {}, lambda k, r, *a: r.models[-1].chat_template),
     "model.kv_ram_mb": (64, {}, lambda k, r, *a: r.models[-1].kv_ram_mb),
+    "model.parallel": (2, {}, lambda k, r, *a: r.models[-1].parallel),
+    "model.kv_unified": (True, {}, lambda k, r, *a: r.models[-1].kv_unified),
     "model.server": ("http://127.0.0.1:8000/v1", {}, lambda k, r, *a: r.models[-1].server),
     "model.server_timeout": (9.0, {}, lambda k, r, *a: r.models[-1].server_timeout),
     **{f"sampling.{f}": (v, {}, (lambda f: lambda k, r, *a: getattr(_seen(k, r).sampling, f))(f))

@@ -382,10 +382,24 @@ def evaluate(expression: str, digits: int | None = None) -> str:
     return _format(parse(expression), digits)
 
 
+def _mapped_bytes() -> int:
+    """This process's virtual address space in bytes (0 where /proc cannot tell)."""
+    import os
+
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _child(conn: Any, expression: str, digits: int | None) -> None:
     import resource
 
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))  # a memory bomb fails here, not in the kernel
+    # a memory bomb fails here, not in the kernel: MEMORY_LIMIT more than the address space the
+    # fork inherited (a loaded model, its KV cache and thread stacks are mapped already)
+    limit = _mapped_bytes() + MEMORY_LIMIT
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
         conn.send(("ok", evaluate(expression, digits)))
     except CalculatorError as exc:
