@@ -68,7 +68,9 @@ def overhead(backend: LlamaBackend, tokens: int, rounds: int) -> dict:
     for _ in range(rounds):  # interleaved, best of each: machine noise hits both alike
         kernel = kernel_turn(backend, messages, [], "none")
         kernel_runs.append(kernel["decode_tps"])
-        n, secs = timed_stream(raw.create_completion(prompt, max_tokens=tokens, temperature=0.0, stream=True))
+        # on the backend's decode thread, where the kernel decodes too (from another thread llama.cpp
+        # decodes slower: benchmarks/batched.py "threads")
+        n, secs = backend.batcher.call(lambda: timed_stream(raw.create_completion(prompt, max_tokens=tokens, temperature=0.0, stream=True)))
         raw_runs.append((n - 1) / secs)  # the first piece marks the end of prefill
     raw.close()
     return {
@@ -91,7 +93,8 @@ def grammar_tax(backend: LlamaBackend, rounds: int) -> dict:
         free.append(kernel_turn(backend, messages, tools, "none")["decode_tps"])
         # stock llama-cpp-python: the same grammar through create_completion's grammar sampler
         backend.llm.reset()
-        n, secs = timed_stream(backend.llm.create_completion(prompt, max_tokens=c["generated_tokens"], temperature=0.0, stream=True, grammar=grammar))
+        n, secs = backend.batcher.call(lambda: timed_stream(backend.llm.create_completion(
+            prompt, max_tokens=c["generated_tokens"], temperature=0.0, stream=True, grammar=grammar)))
         backend.reset()  # the stock path left its own cells behind
         stock.append((n - 1) / secs)
     return {
@@ -125,10 +128,10 @@ def prefix_reuse(backend: LlamaBackend, steps: int) -> dict:
     # the same last prompt with nothing cached
     last_prompt = backend.tokenize(backend.render(messages, tools))
     backend.reset()
-    backend.llm.reset()
     t0 = time.perf_counter()
-    backend.llm.eval(last_prompt)
+    backend.batcher.step(backend._slots[0], last_prompt, lambda row: None)
     cold = time.perf_counter() - t0
+    backend.reset()
     return {
         "steps": rows, "evaluated_over_appended": round(ratio, 3), "target": 1.0,
         "last_step_ttft_with_reuse_s": rows[-1]["ttft_s"], "full_prefill_of_final_context_s": round(cold, 3),

@@ -55,6 +55,7 @@ class Batcher:
         self.lock = threading.Condition()
         self.running = 0  # turns holding a slot; a round waits for the steps of all of them
         self._queue: list[_Step] = []
+        self._calls: list[list[Any]] = []  # [fn, done, result, error] to run on the decode thread
         self._batch = lc.llama_batch_init(n_batch, 0, n_seq)
         self._wait = 0.002
         self._closed = False
@@ -80,12 +81,37 @@ class Batcher:
             raise step.error
         return step.result, step.shared
 
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the decode thread, between decodes, and return what it returns (for code that
+        drives llama.cpp directly, e.g. a benchmark's stock llama-cpp-python runs: from another
+        thread they would decode slower, see above)."""
+        job: list[Any] = [fn, False, None, None]
+        with self.lock:
+            if self._closed:
+                raise RuntimeError("the model was closed")
+            self._calls.append(job)
+            self.lock.notify_all()
+            while not job[1]:
+                self.lock.wait()
+        if job[3] is not None:
+            raise job[3]
+        return job[2]
+
     def _work(self) -> None:
         """Decode rounds: as soon as every running turn has a step queued, or the oldest queued
         step has waited half a decode for the others."""
         with self.lock:
             since = None
             while not self._closed:
+                if self._calls:
+                    job = self._calls.pop(0)
+                    try:
+                        job[2] = job[0]()
+                    except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                        job[3] = exc
+                    job[1] = True
+                    self.lock.notify_all()
+                    continue
                 if not self._queue:
                     since = None
                     self.lock.wait()
@@ -100,7 +126,10 @@ class Batcher:
                 self.lock.notify_all()
             for step in self._queue:
                 step.error, step.done = RuntimeError("the model was closed"), True
+            for job in self._calls:
+                job[1], job[3] = True, RuntimeError("the model was closed")
             self._queue.clear()
+            self._calls.clear()
             self.lock.notify_all()
 
     def _round(self) -> None:
