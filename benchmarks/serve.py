@@ -72,7 +72,7 @@ def over_http(client, tokens: int) -> dict:  # noqa: ANN001
     for i in range(3):
         t0 = time.perf_counter()
         first, n = None, 0
-        for chunk in client.chat.completions.create(model="m", messages=story(950 + i), max_tokens=tokens, temperature=0.0,
+        for chunk in client.chat.completions.create(model="llmos", messages=story(950 + i), max_tokens=tokens, temperature=0.0,
                                                     stream=True, stream_options={"include_usage": True}):
             if chunk.choices and chunk.choices[0].delta.content and first is None:
                 first = time.perf_counter()
@@ -100,12 +100,12 @@ def main() -> None:
             reuse = []
             for _ in range(2):
                 t = time.perf_counter()
-                r = client.chat.completions.create(model="m", messages=ask, max_tokens=args.tokens)
+                r = client.chat.completions.create(model="llmos", messages=ask, max_tokens=args.tokens)
                 reuse.append({"prompt_tokens": r.usage.prompt_tokens, "cached_tokens": r.usage.prompt_tokens_details.cached_tokens,
                               "seconds": round(time.perf_counter() - t, 3)})
 
             def one(i: int, out: list) -> None:
-                r = client.chat.completions.create(model="m", max_tokens=args.tokens, messages=[
+                r = client.chat.completions.create(model="llmos", max_tokens=args.tokens, messages=[
                     {"role": "system", "content": f"You are storyteller number {i}."},
                     {"role": "user", "content": f"Tell story {i} about a fox."}])
                 out.append(r.usage.completion_tokens)

@@ -25,16 +25,20 @@ import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, AsyncIterator, Iterator, Optional, Union
 
 import pydantic
 from pydantic import Field
 
+from llmos.backend import ContextFull
 from llmos.messages import Message, ToolCall
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_CONVERSATIONS = 16  # kernels kept for conversations, least recently used dropped first
 RESPONSE_TOOL = "json_response"  # the tool a response_format becomes
+
+
+ALIASES = ("llmos", "default")  # model names a request may use besides the served model's own
 
 
 class ApiError(Exception):
@@ -166,6 +170,7 @@ class Service:
                                                   "memory": settings.memory.model_copy(update={"enabled": False})})
         self.backend = resources.backend(self.config.model)
         self.model_id = Path(getattr(self.backend, "path", "llmos")).stem or "llmos"
+        self.model_names = {self.model_id, *ALIASES}
         self.kernels: OrderedDict[str, tuple[Any, threading.Lock]] = OrderedDict()
         self.scheduler = resources.scheduler(self.backend)
         self._lock = threading.Lock()
@@ -250,6 +255,9 @@ def plan(service: Service, req: ChatRequest) -> Iterator[Message]:
     """The reply to a request as the kernel plans it: deltas, then the complete message."""
     from llmos.toolbox import ToolError, as_tool
 
+    if req.model is not None and req.model not in service.model_names:
+        raise ApiError(404, f"model {req.model!r} does not exist here; this server serves {service.model_id!r} "
+                            f"(also called {' or '.join(repr(n) for n in ALIASES)}; GET /v1/models lists it)", "model", "model_not_found")
     if req.n != 1:
         raise ApiError(400, "n must be 1: llmos returns one choice per request", "n")
     messages = messages_of(req.messages)
@@ -284,6 +292,9 @@ def plan(service: Service, req: ChatRequest) -> Iterator[Message]:
                 yield Message("assistant", text, meta=dict(reply.meta) if reply is not None else {})
                 return
             yield from kernel.plan(messages, tools, tool_choice="none", sampling=sampling)
+        except ContextFull as exc:
+            raise ApiError(400, f"{exc}: shorten the conversation, or start the server with a larger -o model.n_ctx",
+                           "messages", "context_length_exceeded") from None
         except ValueError as exc:  # e.g. a schema that cannot become a grammar
             raise ApiError(400, str(exc)) from None
 
@@ -358,6 +369,44 @@ def chunks(service: Service, req: ChatRequest) -> Iterator[dict[str, Any]]:
         yield {**head, "choices": [], "usage": _usage(reply.meta)}
 
 
+def sse(head: list[dict[str, Any]], stream: Iterator[dict[str, Any]]) -> AsyncIterator[str]:
+    """Chunks as server-sent events. A thread of its own drives the stream; when the client goes
+    away (the response is cancelled), it stops at the next chunk and closes the stream, so the
+    turn ends and its model slot is given back."""
+    import queue
+
+    import anyio
+
+    out: queue.SimpleQueue = queue.SimpleQueue()
+    gone = threading.Event()
+
+    def produce() -> None:
+        try:
+            for c in head:
+                out.put(f"data: {json.dumps(c)}\n\n")
+            for c in stream:
+                if gone.is_set():
+                    return
+                out.put(f"data: {json.dumps(c)}\n\n")
+            out.put("data: [DONE]\n\n")
+        except Exception as exc:  # noqa: BLE001 - the stream has started: report in it, as OpenAI does
+            out.put(f"data: {json.dumps(ApiError(500, f'{type(exc).__name__}: {exc}').body())}\n\n")
+        finally:
+            stream.close()
+            out.put(None)
+
+    threading.Thread(target=produce, name="llmos-sse", daemon=True).start()
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            while (item := await anyio.to_thread.run_sync(out.get)) is not None:
+                yield item
+        finally:
+            gone.set()
+
+    return events()
+
+
 def app(service: Service, api_key: str | None = None, hosts: tuple[str, ...] = LOCAL_HOSTS) -> Any:
     """The ASGI application over a Service."""
     from fastapi import FastAPI, Request
@@ -414,14 +463,8 @@ def app(service: Service, api_key: str | None = None, hosts: tuple[str, ...] = L
         except StopIteration:
             second = None
 
-        def events() -> Iterator[str]:
-            for c in [first, second] if second is not None else [first]:
-                yield f"data: {json.dumps(c)}\n\n"
-            for c in stream:
-                yield f"data: {json.dumps(c)}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        head = [first, second] if second is not None else [first]
+        return StreamingResponse(sse(head, stream), media_type="text/event-stream")
 
     @api.post("/v1/embeddings")
     def embeddings(body: dict[str, Any]) -> dict[str, Any]:

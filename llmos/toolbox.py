@@ -225,14 +225,26 @@ def tool(
     return wrap(fn) if fn is not None else wrap
 
 
+def _check_schema(name: str, schema: Mapping[str, Any]) -> None:
+    """Raise ToolError unless `schema` is a valid JSON Schema (checked against its metaschema)."""
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.exceptions.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path) or "the top level"
+        raise ToolError(f"tool {name!r}: 'parameters' is not a valid JSON Schema at {where}: {exc.message[:200]}") from None
+
+
 def from_openai(spec: Mapping[str, Any], fn: Callable[..., Any] | None = None) -> Tool:
     """An OpenAI-format tool dict ({"type": "function", "function": {...}}) as a Tool."""
     fn_spec = spec.get("function", spec)
     if not isinstance(fn_spec, Mapping) or "name" not in fn_spec:
         raise ToolError("tool dict needs a 'function' object with a 'name' (OpenAI format)")
     parameters = fn_spec.get("parameters") or {"type": "object", "properties": {}}
-    if parameters.get("type", "object") != "object":
+    if not isinstance(parameters, Mapping) or parameters.get("type", "object") != "object":
         raise ToolError(f"tool {fn_spec['name']!r}: 'parameters' must be a JSON schema of type object")
+    _check_schema(str(fn_spec["name"]), parameters)
     return Tool(
         name=_check_name(fn_spec["name"]),
         description=fn_spec.get("description") or fn_spec["name"],
