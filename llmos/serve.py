@@ -253,6 +253,7 @@ class Service:
 
 def plan(service: Service, req: ChatRequest) -> Iterator[Message]:
     """The reply to a request as the kernel plans it: deltas, then the complete message."""
+    from llmos.grammar import GrammarError, turn_grammar
     from llmos.toolbox import ToolError, as_tool
 
     if req.model is not None and req.model not in service.model_names:
@@ -265,8 +266,13 @@ def plan(service: Service, req: ChatRequest) -> Iterator[Message]:
         tools = [as_tool(t) for t in req.tools or ()]
         fmt = response_tool(req.response_format)
         json_tool = as_tool(fmt) if fmt is not None else None
+        for checked in (tools, [json_tool] if json_tool is not None else []):
+            if checked:
+                turn_grammar(checked, "required")  # a schema no grammar can take is refused now, whatever the kernel decides
     except ToolError as exc:
         raise ApiError(400, f"tools: {exc}", "tools") from None
+    except GrammarError as exc:
+        raise ApiError(400, f"{'tools' if req.tools else 'response_format'}: {exc}", "tools" if req.tools else "response_format") from None
     choice = tool_choice_of(req.tool_choice, [t.name for t in tools])
     base = service.config.sampling
     limit = req.max_completion_tokens or req.max_tokens

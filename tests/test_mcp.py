@@ -101,12 +101,12 @@ def test_a_poisoned_description_reaches_the_model_as_data(tmp_path):
         tools[0].close()
 
 
-def servers_running(marker):
+def servers_running(marker, script=FIXTURE):
     """Fixture server processes whose environment holds `marker` (their description file's path)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if FIXTURE.encode() in Path(f"/proc/{pid}/cmdline").read_bytes() and marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+            if script.encode() in Path(f"/proc/{pid}/cmdline").read_bytes() and marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
                 found.append(int(pid))
         except OSError:
             continue
@@ -142,13 +142,58 @@ def test_crashes_hangs_and_missing_commands_are_one_readable_error(tmp_path):
     assert proc.returncode == 2 and "no-such-mcp-server" in proc.stderr
 
 
+RAW = str(Path(__file__).parent / "data" / "mcp_raw_server.py")
+
+
+def test_malformed_results_and_a_schema_no_grammar_can_take_are_one_readable_error(tmp_path):
+    import time
+
+    marker = str(tmp_path)
+    bad = McpServer(name="bad", command=[sys.executable, RAW], env={"MCP_RAW_MODE": "schema", "MARK": marker}, timeout=2)
+    with pytest.raises(ToolError, match=r"'bad': tool 'broken' has an input schema llmos cannot turn into a grammar: \$ref '#/\$defs/missing' points at nothing"):
+        connect(bad, tmp_path)
+    assert servers_running(marker, RAW) == []  # refused, and stopped
+    raw = bad.model_copy(update={"name": "raw", "env": {"MCP_RAW_MODE": "results", "MARK": marker}})
+    tools = {t.name: t for t in connect(raw, tmp_path)}
+    try:
+        assert tools["raw_ok"].invoke({"text": "hi"}) == "ok: hi"
+        with pytest.raises(ToolError, match=r"garbled failed: its answer is not a valid MCP result \(content: Input should be a valid list") as bad:
+            tools["raw_garbled"].invoke({"text": "hi"})
+        assert "\n" not in str(bad.value)
+        assert tools["raw_ok"].invoke({"text": "again"}) == "ok: again"  # a fresh server after each failure
+        for name in ("raw_noise", "raw_wrong_id"):  # a line that is not JSON-RPC; an answer to no request
+            with pytest.raises(ToolError, match="did not answer within 2 s; the server was stopped"):
+                tools[name].invoke({"text": "hi"})
+            assert tools["raw_ok"].invoke({"text": name}) == f"ok: {name}"
+        assert len(servers_running(marker, RAW)) == 1
+    finally:
+        next(t.close for t in tools.values() if t.close)()
+    for _ in range(50):
+        if not servers_running(marker, RAW):
+            break
+        time.sleep(0.1)
+    assert servers_running(marker, RAW) == []
+
+
 def test_llmos_mcp_serve_is_driven_by_the_sdk_client(tmp_path):
-    """The SDK's own client lists llmos's tools over stdio and calls the calculator and python."""
+    """The SDK's own client lists llmos's tools over stdio and calls the calculator, python, plot
+    and the browser (a page on 127.0.0.1, inside its allow-list)."""
     import asyncio
+    import http.server
+    import re
     import shutil
+    import threading
 
     from mcp import Client
     from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<html><body><h1>Lighthouse log</h1><p>The lamp burned all night.</p></body></html>")
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(site), **kw)  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.RequestHandlerClass.log_message = lambda *a: None
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
 
     async def drive():
         params = StdioServerParameters(command=sys.executable, args=["-m", "llmos", "mcp-serve"],
@@ -157,14 +202,23 @@ def test_llmos_mcp_serve_is_driven_by_the_sdk_client(tmp_path):
             names = {t.name: t for t in (await client.list_tools()).tools}
             calc = await client.call_tool("calculator", {"expression": "17 * 23"})
             py = await client.call_tool("python", {"code": "print(6 * 7)"}) if shutil.which("bwrap") else None
-            return names, calc, py
+            plot = await client.call_tool("plot", {"kind": "bar", "y": [3, 1, 2], "x": ["a", "b", "c"], "title": "t"})
+            page = await client.call_tool("browser", {"action": "open", "url": f"http://127.0.0.1:{httpd.server_port}/"})
+            return names, calc, py, plot, page
 
-    names, calc, py = asyncio.run(asyncio.wait_for(drive(), 120))
+    try:
+        names, calc, py, plot, page = asyncio.run(asyncio.wait_for(drive(), 180))
+    finally:
+        httpd.shutdown()
     assert {"calculator", "python", "plot", "browser", "memory_search"} <= set(names)
     assert names["calculator"].annotations.read_only_hint and not names["python"].annotations.read_only_hint
+    assert names["browser"].annotations.open_world_hint
     assert "391" in calc.content[0].text and not calc.is_error
     if py is not None:
         assert "42" in py.content[0].text
+    png = re.search(r"(/\S+\.png)", plot.content[0].text)
+    assert not plot.is_error and png and Path(png.group(1)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not page.is_error and "The lamp burned all night." in page.content[0].text
 
 
 def test_a_stdio_server_can_run_in_bubblewrap_without_network(tmp_path):

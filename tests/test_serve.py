@@ -240,7 +240,8 @@ def test_unknown_model_invalid_tool_schemas_and_a_prompt_longer_than_the_context
     served = client.models.list().data[0].id
     assert client.chat.completions.create(model=served, messages=hi, max_tokens=4).choices[0].message.content
     for params, where in [({"type": "object", "properties": {"x": {"type": "frobnicate"}}}, "properties/x/type"),
-                          ({"type": "object", "properties": "x"}, "properties"), ("x", "type object")]:
+                          ({"type": "object", "properties": "x"}, "properties"), ("x", "type object"),
+                          ({"type": "object", "properties": {"x": {"$ref": "#/$defs/gone"}}}, "points at nothing")]:
         bad = {"type": "function", "function": {"name": "f", "parameters": params}}
         with pytest.raises(openai.BadRequestError, match=where):
             client.chat.completions.create(model="llmos", messages=hi, tools=[bad], max_tokens=4)

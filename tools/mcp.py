@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,6 +32,10 @@ from llmos.toolbox import Tool, ToolError
 
 START_TIMEOUT = 30.0
 
+
+# The SDK logs a misbehaving server's unreadable lines with tracebacks on stderr; the call's own
+# error says what matters (a handler here keeps Python's last-resort printer quiet).
+logging.getLogger("mcp").addHandler(logging.NullHandler())
 
 def _name(server: str, tool: str) -> str:
     name = re.sub(r"[^A-Za-z0-9_-]", "_", f"{server}_{tool}")
@@ -158,9 +163,15 @@ class Server:
 
 
 def _why(exc: BaseException) -> str:
+    """One line on why a call failed (an answer that is not a valid MCP result names its fields)."""
+    import pydantic
+
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {exc}".strip()[:300]
+    if isinstance(exc, pydantic.ValidationError):
+        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'result'}: {e['msg']}" for e in exc.errors()[:4])
+        return f"its answer is not a valid MCP result ({fields})"[:300]
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
 def _ledger(home: Path) -> dict[str, Any]:
@@ -262,7 +273,9 @@ def connect(spec: Any, home: Path, approve: Callable[[str, str], bool] | None = 
             tool_call_grammar([(_name(spec.name, d["name"]), schema)], "required")  # a schema the grammar cannot take fails here
         except (GrammarError, ValueError, KeyError, TypeError, RecursionError) as exc:
             server.close()
-            raise ToolError(f"MCP server {spec.name!r}: tool {d['name']!r} has an input schema llmos cannot turn into a grammar ({str(exc)[:120]})") from None
+            reason = exc.__context__ if isinstance(exc, GrammarError) and exc.__context__ is not None else exc
+            raise ToolError(f"MCP server {spec.name!r}: tool {d['name']!r} has an input schema llmos cannot turn into "
+                            f"a grammar: {' '.join(str(reason).split())[:200]}") from None
         description = as_data(" ".join(str(d["description"]).split())[:600]) or d["name"]
         tools.append(Tool(
             name=_name(spec.name, d["name"]),
