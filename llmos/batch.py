@@ -138,7 +138,9 @@ class Batcher:
         queue = self._queue
         room = self.n_batch if len(queue) == 1 else min(self.n_batch, SHARED_PREFILL + len(queue))
         n, taken, finished = 0, [], []
-        for step in queue:
+        # in sequence order: llama.cpp packs a run of consecutive sequence ids into one micro-batch,
+        # so 0, 1, 2, 3 decode together where 2, 0, 3, 1 take several passes (benchmarks/batched.py)
+        for step in sorted(queue, key=lambda st: st.slot.seq):
             take = min(len(step.tokens), room - n)
             if take <= 0:
                 break
