@@ -25,7 +25,7 @@ import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Optional, Union
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
 
 import pydantic
 from pydantic import Field
@@ -376,37 +376,49 @@ def chunks(service: Service, req: ChatRequest) -> Iterator[dict[str, Any]]:
 
 
 def sse(head: list[dict[str, Any]], stream: Iterator[dict[str, Any]]) -> AsyncIterator[str]:
-    """Chunks as server-sent events. A thread of its own drives the stream; when the client goes
-    away (the response is cancelled), it stops at the next chunk and closes the stream, so the
-    turn ends and its model slot is given back."""
-    import queue
+    """Chunks as server-sent events. A thread of its own drives the stream and hands the events to
+    the event loop (what has piled up goes out in one write); when the client goes away (the
+    response is cancelled), it stops at the next chunk and closes the stream, so the turn ends and
+    its model slot is given back."""
+    import asyncio
 
-    import anyio
-
-    out: queue.SimpleQueue = queue.SimpleQueue()
     gone = threading.Event()
 
-    def produce() -> None:
+    def produce(put: Callable[[str | None], None]) -> None:
         try:
             for c in head:
-                out.put(f"data: {json.dumps(c)}\n\n")
+                put(f"data: {json.dumps(c)}\n\n")
             for c in stream:
                 if gone.is_set():
                     return
-                out.put(f"data: {json.dumps(c)}\n\n")
-            out.put("data: [DONE]\n\n")
+                put(f"data: {json.dumps(c)}\n\n")
+            put("data: [DONE]\n\n")
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in it, as OpenAI does
-            out.put(f"data: {json.dumps(ApiError(500, f'{type(exc).__name__}: {exc}').body())}\n\n")
+            put(f"data: {json.dumps(ApiError(500, f'{type(exc).__name__}: {exc}').body())}\n\n")
         finally:
             stream.close()
-            out.put(None)
-
-    threading.Thread(target=produce, name="llmos-sse", daemon=True).start()
+            put(None)
 
     async def events() -> AsyncIterator[str]:
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()  # type: ignore[var-annotated]
+
+        def put(item: str | None) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (the server is stopping)
+                gone.set()
+
+        threading.Thread(target=produce, args=(put,), name="llmos-sse", daemon=True).start()
         try:
-            while (item := await anyio.to_thread.run_sync(out.get)) is not None:
-                yield item
+            while True:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                text = "".join(i for i in items if i is not None)
+                if text:
+                    yield text
+                if items[-1] is None:
+                    return
         finally:
             gone.set()
 
