@@ -175,6 +175,21 @@ def test_malformed_results_and_a_schema_no_grammar_can_take_are_one_readable_err
     assert servers_running(marker, RAW) == []
 
 
+def test_the_kernel_keeps_running_when_an_mcp_tool_fails(tmp_path):
+    from llmos import Kernel
+    from llmos.testing import ScriptedBackend, call
+
+    raw = McpServer(name="raw", command=[sys.executable, RAW], env={"MCP_RAW_MODE": "results", "MARK": str(tmp_path)}, timeout=2)
+    tools = connect(raw, tmp_path)
+    backend = ScriptedBackend([call("raw_garbled", text="a"), call("raw_ok", text="b"), "Done."])
+    with Kernel(backend, tools=tools, trace=tmp_path) as kernel:
+        msgs = [m for m in kernel.run("Use the raw tools.") if not m.is_delta]
+    results = [m for m in msgs if m.role == "tool"]
+    assert "not a valid MCP result" in results[0].content and results[0].meta.get("error")
+    assert results[1].content == "ok: b" and msgs[-1].meta["exit"] == "answer"
+    assert servers_running(str(tmp_path), RAW) == []  # closed with the kernel
+
+
 def test_llmos_mcp_serve_is_driven_by_the_sdk_client(tmp_path):
     """The SDK's own client lists llmos's tools over stdio and calls the calculator, python, plot
     and the browser (a page on 127.0.0.1, inside its allow-list)."""
@@ -204,10 +219,11 @@ def test_llmos_mcp_serve_is_driven_by_the_sdk_client(tmp_path):
             py = await client.call_tool("python", {"code": "print(6 * 7)"}) if shutil.which("bwrap") else None
             plot = await client.call_tool("plot", {"kind": "bar", "y": [3, 1, 2], "x": ["a", "b", "c"], "title": "t"})
             page = await client.call_tool("browser", {"action": "open", "url": f"http://127.0.0.1:{httpd.server_port}/"})
-            return names, calc, py, plot, page
+            recall = await client.call_tool("memory_search", {"query": "lighthouse"})
+            return names, calc, py, plot, page, recall
 
     try:
-        names, calc, py, plot, page = asyncio.run(asyncio.wait_for(drive(), 180))
+        names, calc, py, plot, page, recall = asyncio.run(asyncio.wait_for(drive(), 180))
     finally:
         httpd.shutdown()
     assert {"calculator", "python", "plot", "browser", "memory_search"} <= set(names)
@@ -219,6 +235,7 @@ def test_llmos_mcp_serve_is_driven_by_the_sdk_client(tmp_path):
     png = re.search(r"(/\S+\.png)", plot.content[0].text)
     assert not plot.is_error and png and Path(png.group(1)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not page.is_error and "The lamp burned all night." in page.content[0].text
+    assert not recall.is_error and recall.content[0].text == "no matching memories"  # a fresh home's store
 
 
 def test_a_stdio_server_can_run_in_bubblewrap_without_network(tmp_path):
